@@ -1,0 +1,3 @@
+"""raydistill: language-model distillation experiments on Ray Train + DeepSpeed."""
+
+__version__ = "0.1.0"

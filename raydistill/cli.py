@@ -1,0 +1,86 @@
+"""Command line: parse arguments, call the library, print. Errors the user can fix print as one message
+(no traceback) and exit with status 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from raydistill.errors import RaydistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distillation experiments on Ray Train + DeepSpeed.")
+bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side performance measurements.")
+app.add_typer(bench_app, name="bench")
+
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 scaling.num_workers=4")
+
+
+def _load(config: str, overrides: Optional[List[str]], address: Optional[str]):
+    from raydistill.config import load_config
+
+    extra = list(overrides or [])
+    if address:
+        extra.append(f"ray.address={address}")
+    return load_config(config, extra)
+
+
+def _print_summary(summary: dict) -> None:
+    metrics = summary.get("final_metrics") or {}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    typer.echo(f"[raydistill] done in {summary['wall_time_s']:.1f} s; exported {summary['export_dir']}")
+    for k in sorted(shown):
+        typer.echo(f"  {k:<24} {shown[k]:.6g}")
+
+
+@app.command()
+def train(config: str = typer.Argument(..., help="experiment YAML"), overrides: Optional[List[str]] = OVERRIDES,
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)")):
+    """Distil a student from a teacher (resumes automatically when rerun with the same name)."""
+    from raydistill.train.launcher import run
+
+    _print_summary(run(_load(config, overrides, address), mode="distill"))
+
+
+@app.command()
+def teacher(config: str = typer.Argument(..., help="experiment YAML"), overrides: Optional[List[str]] = OVERRIDES,
+            address: Optional[str] = typer.Option(None, help="Ray cluster address")):
+    """Train or fine-tune the config's teacher with the task loss; exported to OUTPUT_DIR/teacher."""
+    from raydistill.train.launcher import run
+
+    _print_summary(run(_load(config, overrides, address), mode="teacher"))
+
+
+@app.command("config")
+def show_config(config: str = typer.Argument(..., help="experiment YAML"),
+                overrides: Optional[List[str]] = OVERRIDES):
+    """Validate a config (with overrides) and print it with every default filled in."""
+    from raydistill.config import dump_config
+
+    typer.echo(dump_config(_load(config, overrides, None)))
+
+
+@bench_app.command("overhead")
+def bench_overhead(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                   steps: int = typer.Option(30, help="timed steps per side"),
+                   preset: str = typer.Option("tiny-bert", help="teacher preset")):
+    """Ray Train + DeepSpeed (1 worker) vs a bare PyTorch loop: the same KD step, side by side."""
+    from raydistill.bench.overhead import bench_overhead as run_bench
+
+    result = run_bench(steps=steps, preset=preset)
+    typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
+def main() -> None:
+    try:
+        app()
+    except RaydistillError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

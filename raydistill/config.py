@@ -1,0 +1,364 @@
+"""Typed experiment configuration: YAML + dotted overrides -> validated ``ExperimentConfig``.
+
+Everything here runs on the driver before Ray starts, so a bad value costs nothing but an error message.
+Errors name the dotted field, the offending value and what is allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from raydistill.errors import ConfigError
+
+PRESETS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_model_name(name: str) -> str:
+    """A preset, an existing save_pretrained directory, or a hub id (``org/name``, checked when loaded)."""
+    if name in PRESETS:
+        return name
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"directory {name!r} has no config.json (expected save_pretrained layout)")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ValueError(f"model directory {name!r} does not exist; allowed: a preset {PRESETS}, "
+                         "an existing save_pretrained directory, or a Hugging Face hub id")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- models
+class TeacherPretrain(Strict):
+    """Train the teacher first (cached by content hash) when it is a random preset, e.g. for offline debugging."""
+
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    num_workers: int | None = Field(None, ge=1, description="default: scaling.num_workers")
+
+
+class ModelSpec(Strict):
+    name: str = Field(description="preset (tiny-bert, tiny-gpt2, tiny-llama), local save_pretrained dir, or hub id")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="fields set on the HF config")
+    revision: str | None = None
+    block_path: str | None = Field(
+        None, description="dotted path of the ModuleList of transformer blocks, for architectures raydistill "
+        "does not know (e.g. 'model.layers')")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model_name(v)
+
+
+class TeacherSpec(ModelSpec):
+    pretrain: TeacherPretrain | None = None
+
+
+class StudentSpec(ModelSpec):
+    name: str | None = Field(None, description="default: the teacher's architecture with num_layers blocks")
+    num_layers: int | None = Field(None, ge=1, description="student depth when derived from the teacher "
+                                   "(default: half the teacher's)")
+    init: Literal["teacher", "random"] = "teacher"
+    init_layers: Literal["uniform", "distilbert", "first"] | list[int] = Field(
+        "uniform", description="teacher blocks copied into the student: 'uniform' (evenly spaced, first and "
+        "last kept; equals DistilBERT's [0,2,4,7,9,11] for 6 of 12), 'distilbert' (the paper's table), "
+        "'first', or an explicit list")
+
+    @field_validator("init_layers")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("init_layers list is empty; give at least one teacher layer index")
+            if any(i < 0 for i in v) or len(set(v)) != len(v) or v != sorted(v):
+                raise ValueError(f"init_layers {v} must be distinct, increasing, non-negative teacher layer indices")
+        return v
+
+
+class TokenizerSpec(Strict):
+    name: str | None = Field(None, description="HF tokenizer id or directory; default: the teacher's tokenizer "
+                             "when the teacher is not a preset, else one trained on the corpus")
+    vocab_size: int = Field(2048, ge=64, le=1_000_000, description="for a locally trained tokenizer")
+    kind: Literal["auto", "wordpiece", "bpe"] = Field("auto", description="auto: wordpiece for encoders, "
+                                                      "byte-level BPE for decoders")
+
+
+# ----------------------------------------------------------------------------------------------- data
+class BuiltinCorpus(Strict):
+    num_documents: int = Field(4000, ge=10)
+    seed: int = 0
+
+
+class HubDataset(Strict):
+    name: str
+    config: str | None = None
+    split: str = "train"
+    validation_split: str | None = None
+
+
+class DataSpec(Strict):
+    source: Literal["builtin", "files", "hub"] = Field(
+        "builtin", description="inferred: 'files' when path is set, 'hub' when hub is set, else 'builtin'")
+    path: str | list[str] | None = Field(None, description="local files or globs (txt, jsonl, csv, parquet)")
+    validation_path: str | list[str] | None = None
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    hub: HubDataset | None = None
+    builtin: BuiltinCorpus = Field(default_factory=BuiltinCorpus)
+    text_field: str = "text"
+    block_size: int = Field(128, ge=8, le=65536)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    max_documents: int | None = Field(None, ge=1, description="cap the corpus (quick runs)")
+    seed: int = 0
+
+    @field_validator("path", "validation_path")
+    @classmethod
+    def _files_exist(cls, v):
+        if v is None:
+            return v
+        patterns = [v] if isinstance(v, str) else v
+        if not patterns:
+            raise ValueError("empty list of paths")
+        out = []
+        for pat in patterns:
+            pat = os.path.expanduser(pat)
+            hits = sorted(glob.glob(pat, recursive=True))
+            if not hits:
+                raise ValueError(f"no file matches {pat!r}")
+            out.extend(str(Path(h).resolve()) for h in hits)
+        return out
+
+    @model_validator(mode="after")
+    def _source_matches(self):
+        if self.source == "builtin" and (self.path or self.hub):
+            raise ValueError("data.path or data.hub is set but data.source is 'builtin'; remove data.source "
+                             "(it is inferred) or set it to 'files' / 'hub'")
+        if self.source == "files" and not self.path:
+            raise ValueError("source 'files' needs data.path")
+        if self.source == "hub" and self.hub is None:
+            raise ValueError("source 'hub' needs data.hub.name")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_source(cls, v):
+        # data.path=... alone selects local files, data.hub=... alone selects the hub.
+        if isinstance(v, dict) and "source" not in v:
+            if v.get("path"):
+                v = {**v, "source": "files"}
+            elif v.get("hub"):
+                v = {**v, "source": "hub"}
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- training
+class TrainSpec(Strict):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="micro-batch per worker")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0, le=10)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float = Field(5.0, ge=0, description="0 disables clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="validation every N steps; 0: only at the end")
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+    fail_at_step: int | None = Field(None, ge=1, description="testing aid: raise once at this step")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas {list(v)} must each lie in [0, 1)")
+        return v
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only")
+    shard_teacher: bool = Field(True, description="with ZeRO-3, partition the teacher's parameters too")
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        return self
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="existing cluster; default: RAY_ADDRESS or a new local one")
+    dashboard: bool = True
+    log_to_driver: bool = True
+
+
+# ----------------------------------------------------------------------------------------------- objectives
+def _objectives_model() -> type[BaseModel]:
+    """One optional field per registered objective, so unknown names and settings are schema errors."""
+    from raydistill.objectives import REGISTRY
+
+    fields = {name: (cls.Settings | None, None) for name, cls in sorted(REGISTRY.items())}
+    return create_model("ObjectivesSpec", __base__=Strict, **fields)
+
+
+ObjectivesSpec = _objectives_model()
+
+
+class ExperimentConfig(Strict):
+    name: str = Field("debug", pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "runs/debug"
+    cache_dir: str = Field(default_factory=lambda: os.environ.get(
+        "RAYDISTILL_CACHE", str(Path("~/.cache/raydistill").expanduser())))
+    teacher: TeacherSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    objectives: ObjectivesSpec = Field(default_factory=lambda: ObjectivesSpec(task={"weight": 1.0}))  # type: ignore[call-arg]
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        active = self.active_objectives()
+        if not active:
+            raise ValueError("no objective has a positive weight; enable at least one under 'objectives'")
+        if self.student.init == "teacher" and self.student.config_overrides.get("hidden_size") not in (
+                None, self.teacher.config_overrides.get("hidden_size")):
+            raise ValueError("student.init 'teacher' copies teacher weights, so the student cannot change "
+                             "hidden_size; use student.init=random")
+        return self
+
+    def active_objectives(self) -> dict[str, Any]:
+        """name -> settings of every configured objective with weight > 0, in registry order."""
+        return {k: v for k, v in self.objectives if v is not None and v.weight > 0}
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of some sections (cache keys for teachers, tokenizers, packed data)."""
+        dump = self.model_dump(mode="json")
+        payload = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key component")
+    # YAML parsing gives numbers, booleans, null and [lists] / {maps} their natural types.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy, plain types
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else None
+            msg = f"unknown key; allowed: {', '.join(_allowed_keys(parent))}"
+        elif e["type"] in ("literal_error", "enum"):
+            msg = msg.replace("Input should be", "allowed:")
+        val = e.get("input")
+        shown = "" if e["type"] == "missing" else f" (got {val!r})" if not isinstance(val, dict) else ""
+        lines.append(f"{loc}: {msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(dotted_parent: str | None) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in (dotted_parent.split(".") if dotted_parent else []):
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def validate_config(data: dict, cls: type[BaseModel] = ExperimentConfig):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    data = load_yaml(path) if path is not None else {}
+    return validate_config(apply_overrides(data, list(overrides)))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)

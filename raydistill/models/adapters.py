@@ -1,0 +1,108 @@
+"""Where an architecture keeps its transformer blocks, and reading/writing their outputs.
+
+raydistill never copies model code: it finds the ``ModuleList`` of blocks of a Hugging Face model and
+hooks it. Known layouts cover BERT-family encoders, GPT-2, Llama/Qwen2/Mistral, GPT-NeoX and OPT; any
+other architecture works by naming its block list (``block_path``, e.g. ``model.layers``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raydistill.errors import ConfigError
+
+KNOWN_BLOCK_PATHS = (
+    "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer", "encoder.layer",
+    "distilbert.transformer.layer",
+    "transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "layers", "h",
+)
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def find_blocks(model: nn.Module, block_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList) of the model's transformer blocks."""
+    if block_path:
+        blocks = _get(model, block_path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ConfigError(f"block_path {block_path!r} is not a ModuleList in {type(model).__name__}")
+        return block_path, blocks
+    for path in KNOWN_BLOCK_PATHS:
+        blocks = _get(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return path, blocks
+    raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}; set the model's "
+                      "block_path to the dotted name of its block ModuleList (e.g. 'model.layers')")
+
+
+def block_hidden(output) -> torch.Tensor:
+    """The residual-stream tensor of a block's output (a tensor, or a tuple whose first item it is)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def replace_block_hidden(output, hidden: torch.Tensor):
+    """A block output with its residual-stream tensor replaced, in the same structure."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:]) if isinstance(output, tuple) else type(output)((hidden, *output[1:]))
+
+
+def num_layers(config) -> int:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    raise ConfigError(f"cannot tell the depth of a {type(config).__name__}")
+
+
+def hidden_size(config) -> int:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    raise ConfigError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+def set_num_layers(config, n: int) -> None:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(config, attr):
+            setattr(config, attr, n)
+            # Some configs (Llama, Qwen2) keep a per-layer list that must match the depth.
+            types = getattr(config, "layer_types", None)
+            if types:
+                config.layer_types = [types[min(i, len(types) - 1)] for i in range(n)]
+            return
+    raise ConfigError(f"cannot set the depth of a {type(config).__name__}")
+
+
+class capture_block_outputs:
+    """Context manager recording the output of the given blocks (0-indexed) during forward passes.
+
+    ``with capture_block_outputs(model, {0, 3}) as hidden: model(...)`` leaves ``hidden[3]`` = block 3's
+    residual-stream output. Hooks are removed on exit, also when the forward raises."""
+
+    def __init__(self, model: nn.Module, layers, block_path: str | None = None):
+        self.model, self.layers, self.block_path = model, sorted(set(layers)), block_path
+        self.hidden: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        if self.layers:
+            _, blocks = find_blocks(self.model, self.block_path)
+            for i in self.layers:
+                self._handles.append(blocks[i].register_forward_hook(self._hook(i)))
+        return self.hidden
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            self.hidden[index] = block_hidden(output)
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

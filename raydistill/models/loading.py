@@ -1,0 +1,144 @@
+"""Resolve teacher and student: configs (cheap, on the driver) and models (in the workers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from raydistill.config import PRESETS, ExperimentConfig, ModelSpec
+from raydistill.errors import ConfigError
+from raydistill.models.adapters import find_blocks, hidden_size, num_layers, set_num_layers
+from raydistill.models.presets import preset_config
+from raydistill.objectives.base import ModelInfo
+
+# The DistilBERT / Causal-Distill table (teacher depth, student depth) -> teacher blocks.
+DISTILBERT_LAYERS = {(12, 6): [0, 2, 4, 7, 9, 11], (12, 3): [0, 2, 4], (6, 3): [0, 2, 5]}
+
+
+def is_encoder(config: PretrainedConfig) -> bool:
+    archs = config.architectures or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return True
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return False
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
+def _hub_config(spec: ModelSpec) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(spec.name, revision=spec.revision)
+    except OSError as e:
+        raise ConfigError(f"model {spec.name!r}: not a preset {PRESETS}, not a local directory, and could not "
+                          f"be fetched from the Hugging Face hub ({str(e).splitlines()[0]})") from None
+    for key, value in spec.config_overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    if spec.name in PRESETS:
+        return preset_config(spec.name, len(tokenizer), special_ids(tokenizer), spec.config_overrides)
+    return _hub_config(spec)
+
+
+def student_config(cfg: ExperimentConfig, teacher_cfg: PretrainedConfig,
+                   tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    spec = cfg.student
+    if spec.name is not None:
+        config = model_config(spec, tokenizer)
+    else:
+        config = teacher_cfg.__class__.from_dict(teacher_cfg.to_dict())
+        depth = spec.num_layers or max(1, num_layers(teacher_cfg) // 2)
+        set_num_layers(config, depth)
+        for key, value in spec.config_overrides.items():
+            setattr(config, key, value)
+    if spec.name is not None and spec.num_layers is not None:
+        set_num_layers(config, spec.num_layers)
+    return config
+
+
+def teacher_layer_map(rule, teacher_depth: int, student_depth: int) -> list[int]:
+    """Teacher blocks copied into student blocks 0..student_depth-1."""
+    if isinstance(rule, list):
+        layers = list(rule)
+    elif rule == "first":
+        layers = list(range(student_depth))
+    elif rule == "distilbert":
+        if (teacher_depth, student_depth) not in DISTILBERT_LAYERS:
+            raise ConfigError(f"student.init_layers 'distilbert' has no entry for a {student_depth}-block student "
+                              f"of a {teacher_depth}-block teacher; allowed pairs: {sorted(DISTILBERT_LAYERS)}; "
+                              "use 'uniform' (the general rule) or an explicit list")
+        layers = DISTILBERT_LAYERS[(teacher_depth, student_depth)]
+    else:  # uniform: evenly spaced, first and last teacher blocks kept
+        if student_depth == 1:
+            layers = [teacher_depth - 1]
+        else:
+            layers = [int(i * (teacher_depth - 1) / (student_depth - 1) + 0.5) for i in range(student_depth)]
+    if len(layers) != student_depth:
+        raise ConfigError(f"student.init_layers: {len(layers)} layers {layers} for a {student_depth}-block student")
+    if any(not 0 <= i < teacher_depth for i in layers):
+        raise ConfigError(f"student.init_layers: {layers} out of range for a {teacher_depth}-block teacher "
+                          f"(allowed: 0..{teacher_depth - 1})")
+    return layers
+
+
+def model_info(teacher_cfg: PretrainedConfig | None, student_cfg: PretrainedConfig) -> ModelInfo:
+    if teacher_cfg is not None:
+        if teacher_cfg.vocab_size != student_cfg.vocab_size:
+            raise ConfigError(f"teacher and student vocabularies differ ({teacher_cfg.vocab_size} vs "
+                              f"{student_cfg.vocab_size}); they must share one tokenizer")
+        if is_encoder(teacher_cfg) != is_encoder(student_cfg):
+            raise ConfigError("teacher and student must both be encoders (masked LM) or both decoders (causal LM)")
+    return ModelInfo(
+        is_encoder=is_encoder(student_cfg), vocab_size=student_cfg.vocab_size,
+        student_layers=num_layers(student_cfg), student_hidden=hidden_size(student_cfg),
+        teacher_layers=None if teacher_cfg is None else num_layers(teacher_cfg),
+        teacher_hidden=None if teacher_cfg is None else hidden_size(teacher_cfg))
+
+
+def _model_class(config: PretrainedConfig):
+    return AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
+
+
+def build_model(config: PretrainedConfig, source: str | None = None, revision: str | None = None) -> PreTrainedModel:
+    """Random init from ``config`` (source None) or pretrained weights from a directory or hub id."""
+    if source is None:
+        return _model_class(config).from_config(config)
+    return _model_class(config).from_pretrained(source, config=config, revision=revision)
+
+
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int],
+                      block_path: str | None = None) -> None:
+    """Copy embeddings, final norms, LM head and the given teacher blocks into the student."""
+    s_path, _ = find_blocks(student, block_path)
+    t_path, _ = find_blocks(teacher, block_path)
+    t_state = teacher.state_dict()
+    new_state = {}
+    for key, value in student.state_dict().items():
+        if key.startswith(s_path + "."):
+            index, rest = key[len(s_path) + 1:].split(".", 1)
+            src = f"{t_path}.{layers[int(index)]}.{rest}"
+        else:
+            src = key
+        if src not in t_state or t_state[src].shape != value.shape:
+            raise ConfigError(f"student.init 'teacher': teacher has no parameter {src!r} of shape "
+                              f"{tuple(value.shape)}; the student must be a shallower copy of the teacher's "
+                              "architecture (or use student.init=random)")
+        new_state[key] = t_state[src]
+    with torch.no_grad():
+        student.load_state_dict(new_state, strict=True)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path, state_dict=None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out)

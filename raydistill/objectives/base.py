@@ -1,0 +1,102 @@
+"""The objective protocol: each objective is a small ``nn.Module`` that declares what it needs and
+returns its loss term. The training step provides what the active objectives ask for and never looks
+at which objective it is running."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class ObjectiveSettings(BaseModel):
+    """Settings every objective has; subclasses add their own fields."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    weight: float = Field(1.0, ge=0, description="coefficient in the total loss; 0 disables the term")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an objective asks the step to provide."""
+
+    teacher_logits: bool = False
+    # Block outputs (residual stream after block l, 0-indexed) to capture on each model.
+    student_layers: frozenset[int] = frozenset()
+    teacher_layers: frozenset[int] = frozenset()
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(self.teacher_logits or other.teacher_logits,
+                     self.student_layers | other.student_layers,
+                     self.teacher_layers | other.teacher_layers)
+
+    @property
+    def teacher(self) -> bool:
+        return self.teacher_logits or bool(self.teacher_layers)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes of the models, known on the driver from their configs (no weights needed)."""
+
+    is_encoder: bool
+    vocab_size: int
+    student_layers: int
+    student_hidden: int
+    teacher_layers: int | None = None
+    teacher_hidden: int | None = None
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> block output
+
+
+@dataclass
+class Step:
+    """Everything an objective may read. ``batch['labels']`` is aligned with the logits: the target of
+    position t (the masked token for encoders, token t+1 for decoders), -100 where nothing is predicted."""
+
+    batch: dict[str, torch.Tensor]
+    student: ForwardResult
+    teacher: ForwardResult | None
+    student_model: nn.Module
+    teacher_model: nn.Module | None
+    info: ModelInfo
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.batch["attention_mask"]
+
+
+class Objective(nn.Module):
+    """Subclasses set ``name`` and ``Settings`` and implement ``needs`` and ``forward``.
+
+    ``forward`` returns a dict whose entry ``self.name`` is the scalar loss term (unweighted); other
+    entries (``f"{name}/..."``) are logged as they are. Parameters an objective owns (a projection) are
+    trained with the student."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[ObjectiveSettings]] = ObjectiveSettings
+
+    def __init__(self, settings: ObjectiveSettings, info: ModelInfo):
+        super().__init__()
+        self.settings = settings
+        self.info = info
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true; 0 (with a graph) when none count."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)

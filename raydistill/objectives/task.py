@@ -1,0 +1,25 @@
+"""``task``: the student's own language-modelling loss (MLM or next-token cross-entropy)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raydistill.objectives import register
+from raydistill.objectives.base import Objective, Step
+
+
+@register
+class TaskLoss(Objective):
+    """Cross-entropy of the student's logits against ``batch['labels']`` (already aligned: masked tokens
+    for encoders, the next token for decoders), averaged over the positions that have a label."""
+
+    name = "task"
+
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        logits = step.student.logits
+        labels = step.batch["labels"]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+        if not torch.isfinite(loss):  # no labelled position in this micro-batch
+            loss = logits.sum() * 0.0
+        return {self.name: loss}

@@ -1,0 +1,57 @@
+"""The DeepSpeed config a run uses, generated from the experiment config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raydistill.config import ExperimentConfig
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    t, ds = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # Export gathers full weights on rank 0 (save_pretrained layout).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 12},
+        "steps_per_print": 10**9,  # raydistill reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:
+        # Offloaded optimizer states need DeepSpeed's CPU Adam, configured here instead of a client optimizer.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                                                           "weight_decay": t.weight_decay}}
+    return _merge(config, ds.extra)
+
+
+def teacher_deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """ZeRO-3 parameter partitioning for the frozen teacher (no optimizer: ZeRO-Inference)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "zero_optimization": {"stage": 3, **({"offload_param": {"device": "cpu"}} if cfg.deepspeed.offload_params
+                                             else {})},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 10**9,
+    }

@@ -1,0 +1,143 @@
+"""Driver-side preparation: everything that can be resolved and checked before Ray starts.
+
+``prepare`` turns a validated config into a picklable ``RunPlan``: tokenizer, packed data, model configs
+and shapes, objectives checked against those shapes, and where each model's weights come from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from raydistill.config import PRESETS, ExperimentConfig, ModelSpec
+from raydistill.data.blocks import Blocks, TokenInfo
+from raydistill.data.corpus import load_corpus
+from raydistill.data.pipeline import data_key, packed_corpus, token_info
+from raydistill.data.tokenizer import cached_tokenizer, load_tokenizer
+from raydistill.errors import ConfigError
+from raydistill.models.loading import is_encoder, model_config, model_info, student_config, teacher_layer_map
+from raydistill.models.presets import ENCODER_PRESETS
+from raydistill.objectives import REGISTRY, build_objectives
+from raydistill.objectives.base import ModelInfo, ObjectiveSettings
+
+Mode = Literal["distill", "teacher"]
+
+
+@dataclass
+class RunPlan:
+    cfg: ExperimentConfig
+    mode: Mode
+    tokenizer: PreTrainedTokenizerBase
+    token_info: TokenInfo
+    info: ModelInfo
+    objectives: dict[str, ObjectiveSettings]
+    student_config: PretrainedConfig
+    student_source: str | None  # None: random init from the config
+    student_revision: str | None
+    teacher_config: PretrainedConfig | None
+    teacher_source: str | None
+    teacher_revision: str | None
+    init_layers: list[int] | None
+    block_paths: tuple[str | None, str | None]
+    output_dir: str
+    export_dir: str
+    blocks: tuple[Blocks, Blocks] | None = None
+    blocks_ref: Any = None  # a Ray ObjectRef once the driver has put the data in the object store
+    notes: list[str] = field(default_factory=list)
+
+    def fetch_blocks(self) -> tuple[Blocks, Blocks]:
+        if self.blocks is not None:
+            return self.blocks
+        import ray
+
+        return ray.get(self.blocks_ref)
+
+
+def _source(spec: ModelSpec) -> str | None:
+    return None if spec.name is None or spec.name in PRESETS else spec.name
+
+
+def _encoder_kind(cfg: ExperimentConfig) -> bool:
+    if cfg.teacher.name in PRESETS:
+        return cfg.teacher.name in ENCODER_PRESETS
+    try:
+        return is_encoder(AutoConfig.from_pretrained(cfg.teacher.name, revision=cfg.teacher.revision))
+    except OSError as e:
+        raise ConfigError(f"teacher.name {cfg.teacher.name!r}: cannot load its config ({str(e).splitlines()[0]})") \
+            from None
+
+
+def resolve_tokenizer(cfg: ExperimentConfig, train_docs: list[str], encoder: bool) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer.name:
+        return load_tokenizer(cfg.tokenizer.name)
+    for spec in (cfg.teacher, cfg.student):
+        if _source(spec):
+            return load_tokenizer(spec.name, spec.revision)
+    kind = cfg.tokenizer.kind if cfg.tokenizer.kind != "auto" else ("wordpiece" if encoder else "bpe")
+    return cached_tokenizer(cfg.cache_dir, data_key(cfg.data), train_docs, kind, cfg.tokenizer.vocab_size)
+
+
+def _check_vocab(config: PretrainedConfig, tok: PreTrainedTokenizerBase, what: str) -> None:
+    if len(tok) > config.vocab_size:
+        raise ConfigError(f"{what}: the tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                          f"{config.vocab_size}; use the model's own tokenizer (tokenizer.name)")
+
+
+def pretrained_teacher_dir(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase) -> Path:
+    """Where a teacher pretrained by raydistill for this (model, pretrain, data, tokenizer) is cached."""
+    from raydistill.data.pipeline import tokenizer_fingerprint
+
+    key = json.dumps({"teacher": cfg.teacher.model_dump(mode="json"), "data": data_key(cfg.data),
+                      "block": cfg.data.block_size, "tok": tokenizer_fingerprint(tok),
+                      "workers": cfg.scaling.num_workers, "seed": cfg.train.seed}, sort_keys=True)
+    return Path(cfg.cache_dir) / "teachers" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
+    """Resolve and validate everything for a run; no Ray."""
+    encoder = _encoder_kind(cfg)
+    docs = load_corpus(cfg.data)
+    tok = resolve_tokenizer(cfg, docs[0], encoder)
+    blocks = packed_corpus(cfg.data, docs, tok, encoder, cfg.cache_dir)
+    if len(blocks[0]) == 0 or len(blocks[1]) == 0:
+        raise ConfigError("data: the corpus produced no training or validation blocks")
+    out = Path(cfg.output_dir).expanduser().resolve()
+    teacher_cfg = model_config(cfg.teacher, tok)
+    _check_vocab(teacher_cfg, tok, "teacher")
+    common = dict(cfg=cfg, mode=mode, tokenizer=tok, token_info=token_info(tok, encoder), output_dir=str(out),
+                  blocks=blocks)
+
+    if mode == "teacher":
+        objectives = {"task": REGISTRY["task"].Settings(weight=1.0)}
+        info = model_info(None, teacher_cfg)
+        notes = [f"teacher mode trains {cfg.teacher.name} with the task loss only"]
+        ignored = sorted(set(cfg.active_objectives()) - {"task"})
+        if ignored:
+            notes.append(f"objectives {ignored} need a teacher and are ignored in teacher mode")
+        return RunPlan(**common, info=info, objectives=objectives, student_config=teacher_cfg,
+                       student_source=_source(cfg.teacher), student_revision=cfg.teacher.revision,
+                       teacher_config=None, teacher_source=None, teacher_revision=None, init_layers=None,
+                       block_paths=(cfg.teacher.block_path, None), export_dir=str(out / "teacher"), notes=notes)
+
+    teacher_source = _source(cfg.teacher)
+    notes = []
+    if teacher_source is None:
+        notes.append("the teacher is a randomly initialised preset: set teacher.pretrain to train it first")
+    student_cfg = student_config(cfg, teacher_cfg, tok)
+    _check_vocab(student_cfg, tok, "student")
+    info = model_info(teacher_cfg, student_cfg)
+    objectives = cfg.active_objectives()
+    build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
+    init_layers = None
+    if cfg.student.init == "teacher":
+        init_layers = teacher_layer_map(cfg.student.init_layers, info.teacher_layers, info.student_layers)
+    return RunPlan(**common, info=info, objectives=objectives, student_config=student_cfg,
+                   student_source=_source(cfg.student), student_revision=cfg.student.revision,
+                   teacher_config=teacher_cfg, teacher_source=teacher_source, teacher_revision=cfg.teacher.revision,
+                   init_layers=init_layers, block_paths=(cfg.student.block_path or cfg.teacher.block_path,
+                                                         cfg.teacher.block_path),
+                   export_dir=str(out / "student"), notes=notes)

@@ -1,0 +1,72 @@
+"""One distillation step: the forward passes the active objectives ask for, then their weighted sum.
+
+Nothing here knows which objectives are active: each declares ``needs()`` and the step provides it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raydistill.models.adapters import capture_block_outputs
+from raydistill.objectives.base import ForwardResult, ModelInfo, Needs, Objective, Step
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_path: str | None) -> ForwardResult:
+    with capture_block_outputs(model, layers, block_path) as hidden:
+        out = model(**{k: batch[k] for k in MODEL_INPUTS})
+    return ForwardResult(logits=out.logits, hidden=dict(hidden))
+
+
+def run_teacher(teacher: nn.Module, batch, layers, block_path, inference_mode: bool) -> ForwardResult:
+    if not inference_mode:
+        with torch.no_grad():
+            return run_model(teacher, batch, layers, block_path)
+    with torch.inference_mode():
+        out = run_model(teacher, batch, layers, block_path)
+    # Inference tensors cannot enter the student's autograd graph; a clone outside the mode can.
+    return ForwardResult(out.logits.clone(), {k: v.clone() for k, v in out.hidden.items()})
+
+
+class DistillModule(nn.Module):
+    """What DeepSpeed trains: the student and the objectives' own parameters (projections).
+
+    The teacher is passed to ``forward`` rather than registered, so it never reaches the optimizer and
+    can be sharded independently."""
+
+    def __init__(self, student: nn.Module, objectives: dict[str, Objective], weights: dict[str, float],
+                 info: ModelInfo, block_paths: tuple[str | None, str | None] = (None, None),
+                 teacher_inference_mode: bool = True):
+        super().__init__()
+        self.student = student
+        self.objectives = nn.ModuleDict(objectives)
+        self.weights = dict(weights)
+        self.info = info
+        self.student_block_path, self.teacher_block_path = block_paths
+        # inference_mode is cheaper than no_grad, but ZeRO-3's parameter gathering writes to parameters
+        # inside forward, which inference mode forbids: sharded teachers use no_grad.
+        self.teacher_inference_mode = teacher_inference_mode
+        self.needs = Needs()
+        for obj in objectives.values():
+            self.needs = self.needs | obj.needs()
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher: nn.Module | None = None,
+                extras: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student_out = run_model(self.student, batch, self.needs.student_layers, self.student_block_path)
+        teacher_out = None
+        if self.needs.teacher:
+            if teacher is None:
+                raise RuntimeError("an active objective needs the teacher, but none was given")
+            teacher_out = run_teacher(teacher, batch, self.needs.teacher_layers, self.teacher_block_path,
+                                      self.teacher_inference_mode)
+        step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
+                    teacher_model=teacher, info=self.info, extras=dict(extras or {}))
+        logs: dict[str, torch.Tensor] = {}
+        total = student_out.logits.new_zeros((), dtype=torch.float32)
+        for name, objective in self.objectives.items():
+            terms = objective(step)
+            total = total + self.weights[name] * terms[name]
+            logs.update({k: v.detach().float() for k, v in terms.items()})
+        logs["loss"] = total.detach()
+        return total, logs

@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"benchmark data not found at {path} (expected ../shared/data beside the project root)")
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory):
+    """One cache per test session: tokenizers, packed data and pretrained teachers are reused."""
+    return str(tmp_path_factory.getbasetemp() / "raydistill-cache")

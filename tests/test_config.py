@@ -1,0 +1,99 @@
+"""Configuration: round trip, dotted overrides, and specific errors for bad inputs (before Ray starts)."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydistill.config import ExperimentConfig, apply_overrides, dump_config, load_config, validate_config
+from raydistill.errors import ConfigError
+
+from conftest import ROOT
+
+DEBUG = ROOT / "sweeps" / "configs" / "debug.yaml"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(DEBUG)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_required_dotted_keys_exist():
+    cfg = load_config(DEBUG, ["output_dir=/tmp/x", "train.lr=3e-4", "train.max_steps=7", "deepspeed.zero_stage=3",
+                              "scaling.num_workers=4", "scaling.use_gpu=true", f"data.path={DEBUG}",
+                              "objectives.kd.weight=0.25"])
+    assert cfg.output_dir == "/tmp/x" and cfg.train.lr == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.deepspeed.zero_stage == 3 and cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu is True
+    assert cfg.data.source == "files" and cfg.data.path == [str(DEBUG)]
+    assert cfg.objectives.kd.weight == 0.25
+
+
+def test_overrides_parse_types_and_create_sections():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=2.5", "a.c=[1, 2]", "d.e=true", "f=null", "g=text"])
+    assert data == {"a": {"b": 2.5, "c": [1, 2]}, "d": {"e": True}, "f": None, "g": "text"}
+    cfg = load_config(DEBUG, ["objectives.cosine.pairs=[{teacher: 1, student: 0}]", "objectives.task.weight=0"])
+    assert cfg.objectives.cosine.pairs[0].teacher == 1
+    assert "task" not in cfg.active_objectives()  # weight 0 disables a term
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lr=-1"], r"train\.lr: .*greater than 0 \(got -1\)"),
+    (["objectives.kd.weight=-0.5"], r"objectives\.kd\.weight: .*greater than or equal to 0 \(got -0\.5\)"),
+    (["deepspeed.zero_stage=7"], r"deepspeed\.zero_stage: .*less than or equal to 3 \(got 7\)"),
+    (["scaling.num_workers=0"], r"scaling\.num_workers: .*greater than or equal to 1 \(got 0\)"),
+    (["train.lrr=1"], r"train\.lrr: unknown key; allowed: .*\blr\b.*"),
+    (["objectives.mystery.weight=1"], r"objectives\.mystery: unknown key; allowed: .*cosine.*kd.*task"),
+    (["train.max_steps=many"], r"train\.max_steps: .*valid integer.*\(got 'many'\)"),
+    (["train.precision=fp8"], r"train\.precision: allowed: 'fp32', 'bf16' or 'fp16' \(got 'fp8'\)"),
+    (["data.path=/nonexistent/*.txt"], r"data\.path: no file matches '/nonexistent/\*\.txt'"),
+    (["teacher.name=./no/such/dir"], r"teacher\.name: model directory './no/such/dir' does not exist"),
+    (["objectives.kd.temperature=0"], r"objectives\.kd\.temperature: .*greater than 0 \(got 0\)"),
+    (["student.init_layers=[3, 1]"], r"student\.init_layers: .*distinct, increasing"),
+    (["deepspeed.offload_params=true", "deepspeed.zero_stage=2"], r"offload_params needs zero_stage 3 \(got 2\)"),
+    (["objectives.task.weight=0", "objectives.kd.weight=0", "objectives.cosine.weight=0"],
+     r"no objective has a positive weight"),
+    (["train.betas=[0.9, 1.5]"], r"train\.betas: .*\[0, 1\)"),
+    (["data.source=files"], r"source 'files' needs data\.path"),
+    (["data.source=builtin", "data.path=pyproject.toml"], r"data\.path or data\.hub is set but data\.source is 'builtin'"),
+    (["name=has space"], r"name: .*pattern"),
+])
+def test_bad_values_name_field_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEBUG, overrides)
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="config file 'missing.yaml' not found"):
+        load_config("missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(DEBUG, ["train.lr"])
+    with pytest.raises(ConfigError, match="'lr' is a value, not a section"):
+        load_config(DEBUG, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match=r"teacher: Field required"):
+        validate_config({})
+
+
+def test_cli_reports_config_errors_without_traceback_and_before_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "train", str(DEBUG), "deepspeed.zero_stage=7",
+                           f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "deepspeed.zero_stage" in proc.stderr and "got 7" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_defaults_are_complete():
+    cfg = ExperimentConfig(teacher={"name": "tiny-gpt2"})
+    assert cfg.active_objectives().keys() == {"task"}
+    assert yaml.safe_load(dump_config(cfg))["deepspeed"]["zero_stage"] == 2
