@@ -63,6 +63,27 @@ def show_config(config: str = typer.Argument(..., help="experiment YAML"),
     typer.echo(dump_config(_load(config, overrides, None)))
 
 
+def _register_eval() -> None:
+    from raydistill.eval.cli import eval_command
+
+    app.command("eval", help="Fine-tune and score a model on downstream benchmarks (GLUE, SQuAD, CoNLL-2003, "
+                "perplexity, built-in tasks).")(eval_command)
+
+
+_register_eval()
+
+
+@bench_app.command("iit")
+def bench_iit(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+              models: str = typer.Option("tiny-bert,tiny-gpt2,tiny-llama,bert-base", help="comma-separated"),
+              batch_size: int = typer.Option(8), steps: int = typer.Option(10)):
+    """Step time of task+kd+cosine vs the same plus iit, side by side; ratio for the BERT-base config."""
+    from raydistill.bench.iit import bench_iit as run_bench
+
+    result = run_bench(models=models.split(","), batch_size=batch_size, steps=steps)
+    typer.echo(json.dumps(result, indent=2) if as_json else json.dumps(result["rows"], indent=2))
+
+
 @bench_app.command("overhead")
 def bench_overhead(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
                    steps: int = typer.Option(30, help="timed steps per side"),

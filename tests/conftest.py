@@ -22,3 +22,10 @@ def shared_data(*parts: str) -> Path:
 def cache_dir(tmp_path_factory):
     """One cache per test session: tokenizers, packed data and pretrained teachers are reused."""
     return str(tmp_path_factory.getbasetemp() / "raydistill-cache")
+
+
+# Two cores shared by Ray workers and the test process: torch's default thread pool oversubscribes them
+# and makes tiny-model tests 10x slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

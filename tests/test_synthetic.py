@@ -72,7 +72,8 @@ def test_every_verb_agrees_with_its_subject():
 def test_attractors_occur_between_subject_and_verb():
     # Agreement must be learnable beyond "copy the number of the previous noun": many verbs have a noun of
     # the other number between them and their subject.
-    number_of = {n: False for n in syn._PROFESSIONS + syn._THINGS} | {n + "s": True for n in syn._PROFESSIONS + syn._THINGS}
+    nouns = syn._PROFESSIONS + syn._THINGS
+    number_of = {n: False for n in nouns} | {n + "s": True for n in nouns}
     count = 0
     for s in syn.generate_sentences(2000, seed=0):
         for head, verb, plural in s.agreements:

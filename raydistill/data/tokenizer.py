@@ -31,7 +31,8 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int) -> PreTrai
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         specials = list(dict.fromkeys(BERT_SPECIALS.values()))
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                                    show_progress=False))
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -43,7 +44,8 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int) -> PreTrai
         tok.decoder = decoders.ByteLevel()
         specials = list(dict.fromkeys(BPE_SPECIALS.values()))
         tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
         return PreTrainedTokenizerFast(tokenizer_object=tok, **BPE_SPECIALS)
     raise ConfigError(f"tokenizer.kind {kind!r}: allowed 'wordpiece' or 'bpe'")
 

@@ -53,6 +53,15 @@ def replace_block_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else type(output)((hidden, *output[1:]))
 
 
+def resolve_layer(index: int, depth: int, what: str) -> int:
+    """Map a possibly negative block index into [0, depth) or raise a ConfigError naming the field."""
+    resolved = index + depth if index < 0 else index
+    if not 0 <= resolved < depth:
+        raise ConfigError(f"{what}: layer {index} out of range; the model has {depth} blocks "
+                          f"(allowed: {-depth}..{depth - 1})")
+    return resolved
+
+
 def num_layers(config) -> int:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(config, attr, None) is not None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raydistill.errors import ConfigError
+from raydistill.models.adapters import resolve_layer
 from raydistill.objectives import register
 from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean
 
@@ -21,15 +22,6 @@ class LayerPair(BaseModel):
 class CosineSettings(ObjectiveSettings):
     pairs: list[LayerPair] = Field(default_factory=lambda: [LayerPair(teacher=-1, student=-1)],
                                    min_length=1, description="teacher->student block pairs (default: last->last)")
-
-
-def resolve_layer(index: int, depth: int, what: str) -> int:
-    """Map a possibly negative block index into [0, depth) or raise a ConfigError naming the field."""
-    resolved = index + depth if index < 0 else index
-    if not 0 <= resolved < depth:
-        raise ConfigError(f"{what}: layer {index} out of range; the model has {depth} blocks "
-                          f"(allowed: {-depth}..{depth - 1})")
-    return resolved
 
 
 @register

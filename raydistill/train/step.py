@@ -61,7 +61,9 @@ class DistillModule(nn.Module):
             teacher_out = run_teacher(teacher, batch, self.needs.teacher_layers, self.teacher_block_path,
                                       self.teacher_inference_mode)
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
-                    teacher_model=teacher, info=self.info, extras=dict(extras or {}))
+                    teacher_model=teacher, info=self.info,
+                    extras={"student_block_path": self.student_block_path,
+                            "teacher_block_path": self.teacher_block_path, **(extras or {})})
         logs: dict[str, torch.Tensor] = {}
         total = student_out.logits.new_zeros((), dtype=torch.float32)
         for name, objective in self.objectives.items():

@@ -66,7 +66,7 @@ class Worker:
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank
         teacher = None
-        if plan.teacher_source is not None:
+        if plan.teacher_config is not None:  # distillation (a preset teacher has no source: random init)
             teacher = build_model(plan.teacher_config, plan.teacher_source, plan.teacher_revision)
             teacher.requires_grad_(False).eval()
         student = build_model(plan.student_config, plan.student_source, plan.student_revision)
@@ -190,6 +190,7 @@ class Worker:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: all ranks call it
         else:
             state = self.engine.module.state_dict() if self.is_main else None
+        probe = self._probe()  # a forward pass: under ZeRO-3 every rank must take part
         if not self.is_main:
             return
         prefix = "student."
@@ -200,11 +201,11 @@ class Worker:
         save_pretrained(self.engine.module.student, self.plan.tokenizer, tmp, state_dict=student_state)
         shutil.rmtree(export_dir, ignore_errors=True)
         os.replace(tmp, export_dir)  # readers never see a half-written model
-        self._write_probe(export_dir)
+        torch.save(probe, export_dir.parent / f"{export_dir.name}_probe.pt")
         with open(export_dir / "raydistill.json", "w") as f:
             json.dump({"step": step, "mode": self.plan.mode, "name": self.cfg.name}, f)
 
-    def _write_probe(self, export_dir: Path) -> None:
+    def _probe(self) -> dict[str, torch.Tensor]:
         """Logits of the trained model on a fixed validation batch, to check the export against."""
         batch = _to(next(self.val_data.eval_batches(1, seed=self.cfg.train.seed)), self.device)
         batch = {k: v[:2] for k, v in batch.items()}
@@ -213,8 +214,8 @@ class Worker:
         with torch.no_grad():
             logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         module.train()
-        torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
-                    "logits": logits.float().cpu()}, export_dir.parent / f"{export_dir.name}_probe.pt")
+        return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
+                "logits": logits.float().cpu()}
 
     def run(self) -> None:
         import ray.train
@@ -223,7 +224,7 @@ class Worker:
         start = self.resume()
         t = self.cfg.train
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         last_val: dict[str, float] = {}
         for step in range(start + 1, t.max_steps + 1):
             marker = self.output_dir / f".failed_at_{step}_rank{self.rank}"
@@ -232,6 +233,7 @@ class Worker:
                 raise RuntimeError(f"train.fail_at_step={step}: simulated failure (testing aid)")
             logs, tokens = self.train_step(step)
             window_tokens += tokens
+            window_steps += 1
             last = step == t.max_steps
             do_log = step % t.log_every == 0 or last
             do_eval = (t.eval_every and step % t.eval_every == 0) or last
@@ -240,8 +242,8 @@ class Worker:
                 continue
             elapsed = time.perf_counter() - window_start
             metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-            window_tokens, window_start = 0, time.perf_counter()
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps}
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
                 last_val = self.evaluate()
                 metrics.update(last_val)

@@ -1,0 +1,124 @@
+"""``raydistill bench iit``: the step time of standard distillation (task + kd + cosine) against the same
+plus ``iit``, side by side in one process, on the same models and batches.
+
+Each measured step is the real training step (``DistillModule``: the forward passes the objectives ask
+for, the weighted loss) plus backward and an AdamW step, as a worker runs it without DeepSpeed. The two
+variants alternate step by step (their order flipping each time) so that drift in machine load hits both
+alike. Models have random weights: the cost does not depend on them. ``iit`` samples one aligned pair per
+step, so its step time varies with the pair; times are means over the timed steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from statistics import mean
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, PretrainedConfig
+
+from raydistill.data.masking import mask_tokens, next_token_labels
+from raydistill.models.adapters import hidden_size, num_layers, set_num_layers
+from raydistill.models.loading import is_encoder
+from raydistill.models.presets import preset_config
+from raydistill.objectives import REGISTRY, build_objectives
+from raydistill.objectives.base import ModelInfo
+from raydistill.objectives.iit import IITSettings
+from raydistill.train.step import DistillModule
+
+BENCH_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama", "bert-base")
+RATIO_MODEL = "bert-base"
+STANDARD = ("task", "kd", "cosine")
+TINY_VOCAB = 2048
+PAD, BOS, EOS, CLS, SEP, MASK = 0, 1, 2, 3, 4, 5
+
+
+def _teacher_config(name: str) -> PretrainedConfig:
+    if name == "bert-base":  # bert-base-uncased's shape: 12 blocks, width 768, vocab 30522
+        config = BertConfig(pad_token_id=PAD)
+        config.architectures = ["BertForMaskedLM"]
+        return config
+    return preset_config(name, TINY_VOCAB, {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS})
+
+
+def _models(name: str, device: torch.device):
+    t_cfg = _teacher_config(name)
+    s_cfg = copy.deepcopy(t_cfg)
+    set_num_layers(s_cfg, max(1, num_layers(t_cfg) // 2))
+    cls = AutoModelForMaskedLM if is_encoder(t_cfg) else AutoModelForCausalLM
+    teacher = cls.from_config(t_cfg).to(device).eval().requires_grad_(False)
+    student = cls.from_config(s_cfg).to(device).train()
+    info = ModelInfo(is_encoder=is_encoder(t_cfg), vocab_size=t_cfg.vocab_size, student_layers=num_layers(s_cfg),
+                     student_hidden=hidden_size(s_cfg), teacher_layers=num_layers(t_cfg),
+                     teacher_hidden=hidden_size(t_cfg))
+    return teacher, student, info
+
+
+def _batch(info: ModelInfo, batch_size: int, seq_len: int, generator: torch.Generator, device) -> dict:
+    ids = torch.randint(MASK + 1, info.vocab_size, (batch_size, seq_len), generator=generator)
+    attn = torch.ones_like(ids)
+    if not info.is_encoder:
+        batch = {"input_ids": ids, "attention_mask": attn, "labels": next_token_labels(ids, attn)}
+    else:
+        ids[:, 0], ids[:, -1] = CLS, SEP
+        special = torch.zeros_like(ids)
+        special[:, 0] = special[:, -1] = 1
+        masked, labels = mask_tokens(ids, special, MASK, info.vocab_size, 0.15, generator)
+        batch = {"input_ids": masked, "attention_mask": attn, "labels": labels, "special_tokens_mask": special}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup: int, device: torch.device,
+                 seed: int, iit_settings: IITSettings) -> dict:
+    torch.manual_seed(seed)
+    teacher, student, info = _models(name, device)
+    settings = {n: REGISTRY[n].Settings() for n in STANDARD}
+    variants = {"standard": settings, "iit": {**settings, "iit": iit_settings}}
+    modules = {}
+    for key, objs in variants.items():
+        modules[key] = DistillModule(student, build_objectives(objs, info), {n: 1.0 for n in objs}, info).to(device)
+    params = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator().manual_seed(seed)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + steps):
+        batch = _batch(info, batch_size, seq_len, gen, device)
+        order = list(variants) if i % 2 == 0 else list(reversed(variants))
+        for key in order:
+            _sync(device)
+            start = time.perf_counter()
+            loss, _ = modules[key](batch, teacher, {"seed": seed * 100_003 + i, "step": i})
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - start)
+    standard, iit = mean(times["standard"]), mean(times["iit"])
+    return {"model": name, "teacher_layers": info.teacher_layers, "student_layers": info.student_layers,
+            "hidden": info.teacher_hidden, "vocab": info.vocab_size, "standard_s": round(standard, 5),
+            "iit_s": round(iit, 5), "ratio": round(iit / standard, 4)}
+
+
+def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size: int = 8, seq_len: int = 128,
+              steps: int = 10, warmup: int = 2, device: str | None = None, seed: int = 0,
+              alignment: str = "full", pair_sampling: str = "uniform_one") -> dict:
+    """Measure both variants for each model; ``ratio`` is iit / standard step time for ``bert-base``
+    (None when it is not among ``models``), ``rows`` has every model's times."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    iit_settings = IITSettings(alignment=alignment, pair_sampling=pair_sampling)
+    rows = [_bench_model(name, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, device=dev,
+                         seed=seed, iit_settings=iit_settings) for name in models]
+    ratio = next((r["ratio"] for r in rows if r["model"] == RATIO_MODEL), None)
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
+    return {"ratio": ratio, "ratio_model": RATIO_MODEL, "target": 1.6, "device": where,
+            "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
+            "objectives": {"standard": list(STANDARD), "iit": [*STANDARD, "iit"]},
+            "iit": {"alignment": alignment, "pair_sampling": pair_sampling}, "rows": rows}
