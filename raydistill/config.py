@@ -182,6 +182,8 @@ class TrainSpec(Strict):
     seed: int = 42
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="validation every N steps; 0: only at the end")
+    report_every: int = Field(0, ge=0, description="extra metric reports to Ray/Tune every N steps (each is a "
+                              "cross-worker barrier); evaluations and checkpoints always report")
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)

@@ -238,7 +238,10 @@ class Worker:
             do_log = step % t.log_every == 0 or last
             do_eval = (t.eval_every and step % t.eval_every == 0) or last
             do_ckpt = (t.checkpoint_every and step % t.checkpoint_every == 0) or last
-            if not (do_log or do_eval or do_ckpt):
+            # A Ray report is a barrier costing about a second here: only evaluations, checkpoints and
+            # report_every steps (what Tune schedulers act on) pay for one; logging is local.
+            do_report = do_eval or do_ckpt or bool(t.report_every and step % t.report_every == 0)
+            if not (do_log or do_report):
                 continue
             elapsed = time.perf_counter() - window_start
             metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
@@ -250,7 +253,7 @@ class Worker:
             progress.log(metrics)
             if do_ckpt:
                 self.checkpoint_and_report(step, metrics)
-            else:
+            elif do_report:
                 ray.train.report(metrics)
         self.export(t.max_steps)
         if self.world > 1:
