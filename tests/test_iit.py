@@ -22,15 +22,6 @@ from raydistill.objectives.iit import (IITCosineLoss, IITCosineSettings, IITLoss
 VOCAB, MASK_ID, CLS, SEP = 100, 5, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a shared machine, thread synchronisation costs far more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def models(arch: str, student_layers: int = 2, student_hidden: int | None = None, seed: int = 0):
     torch.manual_seed(seed)
     cfg = preset_config(arch, VOCAB, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})

@@ -20,15 +20,6 @@ ARCHS = ["tiny-bert", "tiny-gpt2", "tiny-llama"]
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a shared machine, thread synchronisation costs far more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if arch in ("tiny-qwen2", "tiny-mistral"):  # same block layout as Llama (model.layers)

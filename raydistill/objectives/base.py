@@ -96,6 +96,13 @@ class Objective(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
 
+def width_projection(info: ModelInfo) -> nn.Linear | None:
+    """A learned map from the student's residual width to the teacher's, or None when they agree."""
+    if info.student_hidden == info.teacher_hidden:
+        return None
+    return nn.Linear(info.student_hidden, info.teacher_hidden, bias=False)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is true; 0 (with a graph) when none count."""
     mask = mask.to(values.dtype)

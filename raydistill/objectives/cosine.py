@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from raydistill.errors import ConfigError
 from raydistill.models.adapters import resolve_layer
 from raydistill.objectives import register
-from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean
+from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean,
+                                        width_projection)
 
 
 class LayerPair(BaseModel):
@@ -37,8 +37,7 @@ class CosineLoss(Objective):
                        resolve_layer(p.student, info.student_layers, "objectives.cosine.pairs.student"))
                       for p in settings.pairs]
         # One projection shared by all pairs: the student's residual width is the same at every block.
-        self.proj = (nn.Linear(info.student_hidden, info.teacher_hidden, bias=False)
-                     if info.student_hidden != info.teacher_hidden else None)
+        self.proj = width_projection(info)
 
     def needs(self) -> Needs:
         return Needs(teacher_layers=frozenset(t for t, _ in self.pairs),

@@ -35,14 +35,14 @@ from typing import Annotated, Literal, Union
 import torch
 import torch.nn.functional as F
 from pydantic import Discriminator, Field, Tag, field_validator
-from torch import nn
 
 from raydistill.alignment import ALIGNMENT_PRESETS, AlignmentPair, LayerPair, resolve_alignment
 from raydistill.errors import ConfigError
 from raydistill.interventions import (InterchangePlan, counterfactual, model_inputs, plan_generator, read,
                                       sample_plan)
 from raydistill.objectives import register
-from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean
+from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean,
+                                        width_projection)
 from raydistill.objectives.kd import soft_kl
 
 _SALT = 0x11717  # plan streams are independent of other users of the step seed
@@ -227,8 +227,7 @@ class IITCosineLoss(_InterchangeObjective):
     def __init__(self, settings: IITCosineSettings, info: ModelInfo):
         super().__init__(settings, info)
         # Learned like cosine's: maps the student's residual width to the teacher's when they differ.
-        self.proj = (nn.Linear(info.student_hidden, info.teacher_hidden, bias=False)
-                     if info.student_hidden != info.teacher_hidden else None)
+        self.proj = width_projection(info)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         cf = self.counterfactuals(step)
