@@ -173,7 +173,33 @@ class Worker:
         ce = (totals[0] / totals[1].clamp_min(1)).item()
         out["val/ce"] = ce
         out["val/ppl"] = math.exp(min(ce, 50.0))
+        out.update(self.evaluate_iia())
         return out
+
+    def evaluate_iia(self) -> dict[str, float]:
+        """Interchange-intervention agreement on validation pairs, whenever an IIT objective is configured
+        (weight 0 included, so a baseline student can be compared with an IIT-trained one)."""
+        from raydistill.iia import interchange_agreement
+
+        settings = self.cfg.objectives.iit or self.cfg.objectives.iit_cosine
+        if settings is None or self.teacher is None:
+            return {}
+        batches = [_to(b, self.device)
+                   for b in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed)]
+        res = interchange_agreement(
+            self.engine.module.student, self.teacher, batches, settings.alignment, is_encoder=self.plan.info.is_encoder,
+            seed=self.cfg.train.seed, span_proportion=settings.span_proportion,
+            include_special_tokens=settings.include_special_tokens, aligned_positions=settings.aligned_positions,
+            max_tokens=settings.max_tokens, student_block_path=self.plan.block_paths[0],
+            teacher_block_path=self.plan.block_paths[1])
+        # Pool ranks by their prediction counts.
+        n = res.pop("iia/predictions")
+        keys = sorted(res)
+        vec = torch.tensor([res[k] * n for k in keys] + [n], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(vec)
+        total = max(vec[-1].item(), 1.0)
+        return {f"val/{k}": vec[i].item() / total for i, k in enumerate(keys)}
 
     def checkpoint_and_report(self, step: int, metrics: dict) -> None:
         import ray.train
