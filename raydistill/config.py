@@ -255,17 +255,17 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        from raydistill.objectives.iit import share_intervention_settings
+        from raydistill.objectives import REGISTRY
 
-        if self.objectives.iit_cosine is not None:
-            # Both IIT terms read one counterfactual computation, so they must intervene identically.
-            self.objectives.iit_cosine = share_intervention_settings(self.objectives.iit, self.objectives.iit_cosine)
+        for cls in REGISTRY.values():
+            cls.reconcile(self.objectives)
         active = self.active_objectives()
         if not active:
             raise ValueError("no objective has a positive weight; enable at least one under 'objectives'")
-        if {"iit", "iit_cosine"} & active.keys() and self.train.batch_size < 2:
-            raise ValueError(f"train.batch_size {self.train.batch_size}: IIT pairs each example with another "
-                             "from its batch; allowed: 2 or more")
+        needed = max(REGISTRY[name].min_batch_size for name in active)
+        if self.train.batch_size < needed:
+            raise ValueError(f"train.batch_size {self.train.batch_size}: objectives {sorted(active)} pair examples "
+                             f"within a batch; allowed: {needed} or more")
         if self.student.init == "teacher" and self.student.config_overrides.get("hidden_size") not in (
                 None, self.teacher.config_overrides.get("hidden_size")):
             raise ValueError("student.init 'teacher' copies teacher weights, so the student cannot change "

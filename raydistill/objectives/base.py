@@ -83,6 +83,13 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     Settings: ClassVar[type[ObjectiveSettings]] = ObjectiveSettings
+    # Examples a micro-batch must hold (IIT pairs examples within a batch).
+    min_batch_size: ClassVar[int] = 1
+
+    @classmethod
+    def reconcile(cls, objectives) -> None:
+        """Adjust this objective's settings given the whole ``objectives`` config section (before the
+        config's checks run); by default nothing."""
 
     def __init__(self, settings: ObjectiveSettings, info: ModelInfo):
         super().__init__()

@@ -183,6 +183,8 @@ def _hidden(step: Step, which: str, layer: int) -> torch.Tensor:
 class _InterchangeObjective(Objective):
     """Validates the alignment against the models and shares the per-step counterfactual runs."""
 
+    min_batch_size = 2  # each example's source is another example of its batch
+
     def __init__(self, settings: InterventionSettings, info: ModelInfo):
         super().__init__(settings, info)
         if info.teacher_layers is None:
@@ -223,6 +225,12 @@ class IITLoss(_InterchangeObjective):
 class IITCosineLoss(_InterchangeObjective):
     name = "iit_cosine"
     Settings = IITCosineSettings
+
+    @classmethod
+    def reconcile(cls, objectives) -> None:
+        # Both IIT terms read one counterfactual computation, so they must intervene identically.
+        if objectives.iit_cosine is not None:
+            objectives.iit_cosine = share_intervention_settings(objectives.iit, objectives.iit_cosine)
 
     def __init__(self, settings: IITCosineSettings, info: ModelInfo):
         super().__init__(settings, info)

@@ -153,8 +153,9 @@ class Worker:
         ce_sum = torch.zeros((), device=self.device)
         ce_count = torch.zeros((), device=self.device)
         n = 0
-        for batch in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed):
-            batch = _to(batch, self.device)
+        batches = [_to(b, self.device)
+                   for b in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed)]
+        for batch in batches:
             torch.manual_seed(_step_seed(self.cfg.train.seed, n))
             _, logs = self.engine(batch, self.teacher, {"seed": _step_seed(self.cfg.train.seed, n), "step": 0})
             for k, v in logs.items():
@@ -173,10 +174,10 @@ class Worker:
         ce = (totals[0] / totals[1].clamp_min(1)).item()
         out["val/ce"] = ce
         out["val/ppl"] = math.exp(min(ce, 50.0))
-        out.update(self.evaluate_iia())
+        out.update(self.evaluate_iia(batches))
         return out
 
-    def evaluate_iia(self) -> dict[str, float]:
+    def evaluate_iia(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Interchange-intervention agreement on validation pairs, whenever an IIT objective is configured
         (weight 0 included, so a baseline student can be compared with an IIT-trained one)."""
         from raydistill.iia import interchange_agreement
@@ -184,8 +185,6 @@ class Worker:
         settings = self.cfg.objectives.iit or self.cfg.objectives.iit_cosine
         if settings is None or self.teacher is None:
             return {}
-        batches = [_to(b, self.device)
-                   for b in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed)]
         res = interchange_agreement(
             self.engine.module.student, self.teacher, batches, settings.alignment, is_encoder=self.plan.info.is_encoder,
             seed=self.cfg.train.seed, span_proportion=settings.span_proportion,
@@ -251,7 +250,6 @@ class Worker:
         t = self.cfg.train
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-        last_val: dict[str, float] = {}
         for step in range(start + 1, t.max_steps + 1):
             marker = self.output_dir / f".failed_at_{step}_rank{self.rank}"
             if t.fail_at_step == step and not marker.exists():  # once per rank, so a restart gets past it
@@ -274,8 +272,7 @@ class Worker:
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps}
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
-                last_val = self.evaluate()
-                metrics.update(last_val)
+                metrics.update(self.evaluate())
             progress.log(metrics)
             if do_ckpt:
                 self.checkpoint_and_report(step, metrics)
