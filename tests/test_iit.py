@@ -342,8 +342,8 @@ def test_runs_inside_the_training_step_with_the_standard_objectives(arch):
 
     teacher, student, info = models(arch)
     student.train()
-    settings = {name: REGISTRY[name].Settings() for name in ("task", "kd", "cosine", "iit", "iit_cosine")}
-    module = DistillModule(student, build_objectives(settings, info), {k: 0.2 for k in settings}, info)
+    settings = {name: REGISTRY[name].Settings(weight=0.2) for name in ("task", "kd", "cosine", "iit", "iit_cosine")}
+    module = DistillModule(student, build_objectives(settings, info), info)
     batch = make_batch(info.is_encoder)
     loss, logs = module(batch, teacher, {"seed": 1, "step": 1})
     loss.backward()
@@ -399,7 +399,7 @@ def zero3_parts(arch):
     settings = {name: REGISTRY[name].Settings() for name in ("task", "iit", "iit_cosine")}
 
     def build(s):
-        return DistillModule(s, build_objectives(settings, info), {k: 1.0 for k in settings}, info,
+        return DistillModule(s, build_objectives(settings, info), info,
                              teacher_inference_mode=False)
 
     return build(student), build(copy.deepcopy(student)), teacher, make_batch(info.is_encoder)

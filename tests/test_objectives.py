@@ -117,7 +117,7 @@ def test_weighted_sum_in_distill_module_uses_every_term():
     info = ModelInfo(True, 11, 2, 8, 2, 8)
     settings = {"task": REGISTRY["task"].Settings(weight=0.5), "kd": REGISTRY["kd"].Settings(weight=2.0),
                 "cosine": REGISTRY["cosine"].Settings(weight=3.0)}
-    module = DistillModule(student, build_objectives(settings, info), {k: v.weight for k, v in settings.items()}, info)
+    module = DistillModule(student, build_objectives(settings, info), info)
     batch = {"input_ids": torch.randint(11, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long),
              "labels": torch.randint(11, (2, 6))}
     total, logs = module(batch, teacher)
@@ -125,6 +125,6 @@ def test_weighted_sum_in_distill_module_uses_every_term():
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(logs[k] > 0 for k in ("task", "kd", "cosine"))
     # With the teacher as its own student, kd and cosine vanish.
-    same = DistillModule(teacher, build_objectives(settings, info), {k: v.weight for k, v in settings.items()}, info)
+    same = DistillModule(teacher, build_objectives(settings, info), info)
     _, logs = same(batch, teacher)
     assert logs["kd"].item() == pytest.approx(0, abs=1e-6) and logs["cosine"].item() == pytest.approx(0, abs=1e-6)

@@ -82,7 +82,7 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
     variants = {"standard": settings, "iit": {**settings, "iit": iit_settings}}
     modules = {}
     for key, objs in variants.items():
-        modules[key] = DistillModule(student, build_objectives(objs, info), {n: 1.0 for n in objs}, info).to(device)
+        modules[key] = DistillModule(student, build_objectives(objs, info), info).to(device)
     params = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(seed)

@@ -42,8 +42,7 @@ def bare_step_times(cfg, steps: int) -> list[float]:
     teacher = build_model(plan.teacher_config, plan.teacher_source).eval().requires_grad_(False)
     student = build_model(plan.student_config, plan.student_source)
     init_from_teacher(student, teacher, plan.init_layers)
-    module = DistillModule(student, build_objectives(plan.objectives, plan.info),
-                           {k: v.weight for k, v in plan.objectives.items()}, plan.info)
+    module = DistillModule(student, build_objectives(plan.objectives, plan.info), plan.info)
     opt = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     data = BatchSampler(plan.blocks[0], plan.token_info, batch_size=t.batch_size, grad_accum=1, rank=0,
                         world_size=1, seed=t.seed)

@@ -35,13 +35,11 @@ class DistillModule(nn.Module):
     The teacher is passed to ``forward`` rather than registered, so it never reaches the optimizer and
     can be sharded independently."""
 
-    def __init__(self, student: nn.Module, objectives: dict[str, Objective], weights: dict[str, float],
-                 info: ModelInfo, block_paths: tuple[str | None, str | None] = (None, None),
-                 teacher_inference_mode: bool = True):
+    def __init__(self, student: nn.Module, objectives: dict[str, Objective], info: ModelInfo,
+                 block_paths: tuple[str | None, str | None] = (None, None), teacher_inference_mode: bool = True):
         super().__init__()
         self.student = student
         self.objectives = nn.ModuleDict(objectives)
-        self.weights = dict(weights)
         self.info = info
         self.student_block_path, self.teacher_block_path = block_paths
         # inference_mode is cheaper than no_grad, but ZeRO-3's parameter gathering writes to parameters
@@ -68,7 +66,7 @@ class DistillModule(nn.Module):
         total = student_out.logits.new_zeros((), dtype=torch.float32)
         for name, objective in self.objectives.items():
             terms = objective(step)
-            total = total + self.weights[name] * terms[name]
+            total = total + objective.settings.weight * terms[name]
             logs.update({k: v.detach().float() for k, v in terms.items()})
         logs["loss"] = total.detach()
         return total, logs

@@ -76,9 +76,8 @@ class Worker:
             teacher.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
 
         objectives = build_objectives(plan.objectives, plan.info)
-        weights = {name: s.weight for name, s in plan.objectives.items()}
         sharded_teacher = teacher is not None and cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.shard_teacher
-        module = DistillModule(student, objectives, weights, plan.info, plan.block_paths,
+        module = DistillModule(student, objectives, plan.info, plan.block_paths,
                                teacher_inference_mode=not sharded_teacher)
         ds_cfg = deepspeed_config(cfg, self.world)
         t = cfg.train
