@@ -63,6 +63,49 @@ def show_config(config: str = typer.Argument(..., help="experiment YAML"),
     typer.echo(dump_config(_load(config, overrides, None)))
 
 
+@app.command()
+def sweep(sweep_file: Optional[str] = typer.Argument(None, help="sweep YAML (see sweeps/)"),
+          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides of the sweep file, e.g. "
+                                                          "num_samples=8 storage_path=/data/sweeps set.train.lr=1e-4"),
+          resume: Optional[str] = typer.Option(None, "--resume", help="continue the interrupted sweep in this "
+                                               "directory (STORAGE_PATH/NAME) without redoing finished trials"),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)")):
+    """Run a Ray Tune sweep: every trial distils a student on Ray Train + DeepSpeed and is scored on the
+    benchmarks; ends with the leaderboard, results table, best config and best student."""
+    from raydistill.sweep.results import load_saved_sweep
+    from raydistill.sweep.runner import run_sweep
+    from raydistill.sweep.spec import load_sweep
+
+    extra = list(overrides or [])
+    if address:
+        extra.append(f"set.ray.address={address}")
+    if resume:
+        if sweep_file is not None:
+            raise typer.BadParameter("give either SWEEP_FILE or --resume PATH, not both")
+        run_sweep(load_saved_sweep(resume, extra), resume_path=resume)
+        return
+    if sweep_file is None:
+        raise typer.BadParameter("give a sweep file, or --resume PATH")
+    run_sweep(load_sweep(sweep_file, extra))
+
+
+@app.command()
+def results(path: str = typer.Argument(..., help="sweep directory (STORAGE_PATH/NAME), finished or running"),
+            top: Optional[int] = typer.Option(None, help="show only the best N trials"),
+            as_json: bool = typer.Option(False, "--json", help="print the table as JSON records")):
+    """Print the leaderboard of a sweep."""
+    from raydistill.sweep.results import format_leaderboard, leaderboard, load_saved_sweep, read_table
+
+    spec = load_saved_sweep(path)
+    frame = read_table(path)
+    if as_json:
+        board = leaderboard(frame, spec.spec.metric, spec.spec.mode)
+        typer.echo(board.head(top).to_json(orient="records", indent=2) if top else board.to_json(orient="records",
+                                                                                                   indent=2))
+    else:
+        typer.echo(format_leaderboard(frame, spec, limit=top))
+
+
 def _register_eval() -> None:
     from raydistill.eval.cli import eval_command
 

@@ -132,7 +132,12 @@ def _run_ray(jobs: list[Job], settings: EvalSettings) -> list[JobResult]:
     num_gpus = settings.num_gpus
     if num_gpus is None:  # on GPU when the cluster has one
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    remote = ray.remote(num_cpus=settings.num_cpus, num_gpus=num_gpus, max_retries=0)(_ray_job)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Called from a sweep trial, the jobs must not be captured by the trial's placement group (it reserves
+    # only the trial driver's sliver of a CPU): they take their own resources from the cluster.
+    remote = ray.remote(num_cpus=settings.num_cpus, num_gpus=num_gpus, max_retries=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(_ray_job)
     refs = [remote.remote(job) for job in jobs]
     try:
         return ray.get(refs)

@@ -48,8 +48,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fit(plan: RunPlan) -> dict:
-    """Run the plan on Ray Train; return the final metrics (those of the last checkpoint)."""
+def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None = None) -> dict:
+    """Run the plan on Ray Train; return a summary with the final metrics (those of the last checkpoint).
+
+    ``callbacks`` are Ray Train callbacks (a sweep forwards reports to Tune with one); ``storage_path`` is
+    where Ray keeps checkpoints (default OUTPUT_DIR/ray; s3:// and gs:// pass through)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -72,7 +75,7 @@ def fit(plan: RunPlan) -> dict:
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(out / "ray"),
+        run_config=RunConfig(name=name, storage_path=storage_path or str(out / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
     start = time.perf_counter()
@@ -110,13 +113,18 @@ def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan) -> str | None:
     return str(model_dir)
 
 
-def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
-    """Everything ``raydistill train`` / ``raydistill teacher`` does. All validation precedes ``ray.init``."""
-    plan = prepare(cfg, mode=mode)
-    init_ray(cfg)
-    if mode == "distill":
+def with_teacher(cfg: ExperimentConfig, plan: RunPlan) -> RunPlan:
+    """Point a distillation plan at its pretrained teacher (training it first if it is not cached)."""
+    if plan.mode == "distill":
         teacher_dir = ensure_teacher(cfg, plan)
         if teacher_dir is not None:
             plan.teacher_source = teacher_dir
             plan.notes = [n for n in plan.notes if "randomly initialised" not in n]
-    return fit(plan)
+    return plan
+
+
+def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
+    """Everything ``raydistill train`` / ``raydistill teacher`` does. All validation precedes ``ray.init``."""
+    plan = prepare(cfg, mode=mode)
+    init_ray(cfg)
+    return fit(with_teacher(cfg, plan))

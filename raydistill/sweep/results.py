@@ -1,0 +1,165 @@
+"""The sweep's results table (one row per trial), the leaderboard, the best config and the best student.
+
+The table is written by the sweep's Tune callback whenever a trial changes state, so ``raydistill
+results PATH`` works on a running sweep as well as a finished one."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydistill.errors import ConfigError
+from raydistill.sweep.spec import Sweep, load_sweep
+
+SWEEP_FILE = "sweep.yaml"
+TABLE = "results"
+# Tune's bookkeeping keys: not metrics.
+_TUNE_KEYS = {"timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter_s", "time_total_s", "done",
+              "training_iteration", "trial_id", "experiment_tag", "config", "time_since_restore",
+              "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint", "timesteps_total",
+              "episodes_total", "timesteps_since_restore", "finished", "export_dir", "checkpoint_path"}
+STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
+
+
+def trial_status(trial) -> str:
+    if trial.status != "TERMINATED":
+        return STATUS.get(trial.status, trial.status.lower())
+    last = trial.last_result or {}
+    return "finished" if last.get("finished") else "stopped"  # stopped early by the scheduler
+
+
+def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
+    last = dict(trial.last_result or {})
+    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial)}
+    for d in sweep.dims:
+        value = trial.config.get(d.path)
+        row[f"config/{d.path}"] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+    row["step"] = last.get("step")
+    for k, v in sorted(last.items()):
+        if k not in _TUNE_KEYS and k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k] = v
+    row["runtime_s"] = round(float(last.get("time_total_s", 0.0)), 2)
+    row["checkpoint_path"] = last.get("export_dir") or last.get("checkpoint_path")
+    row["trial_dir"] = getattr(trial, "path", None) or ""
+    error = getattr(trial, "error_file", None) or ""
+    row["error"] = _error_summary(error) if trial.status == "ERROR" else ""
+    return row
+
+
+def _error_summary(error_file: str) -> str:
+    try:
+        lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return "failed (no error file)"
+    return lines[-1][:300] if lines else "failed"
+
+
+def write_table(directory: str | Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv and results.parquet, each written atomically."""
+    import pandas as pd
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    for suffix, writer in ((".csv", lambda p: frame.to_csv(p, index=False)),
+                           (".parquet", lambda p: frame.to_parquet(p, index=False))):
+        tmp = directory / f".{TABLE}{suffix}.tmp"
+        writer(tmp)
+        os.replace(tmp, directory / f"{TABLE}{suffix}")
+
+
+def read_table(directory: str | Path):
+    import pandas as pd
+
+    directory = Path(directory)
+    if (directory / f"{TABLE}.parquet").is_file():
+        return pd.read_parquet(directory / f"{TABLE}.parquet")
+    if (directory / f"{TABLE}.csv").is_file():
+        return pd.read_csv(directory / f"{TABLE}.csv")
+    raise ConfigError(f"{directory}: no {TABLE}.csv or {TABLE}.parquet (not a raydistill sweep directory, or no "
+                      "trial has started yet)")
+
+
+def _sortable(value) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    done = [r for r in rows if r["status"] in ("finished", "stopped") and _sortable(r.get(metric))]
+    if not done:
+        return None
+    return (min if mode == "min" else max)(done, key=lambda r: r[metric])
+
+
+def leaderboard(frame, metric: str, mode: str):
+    """Trials sorted by the metric (best first; trials without it last)."""
+    if metric not in frame.columns:
+        return frame
+    return frame.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+
+
+def write_best(sweep: Sweep, directory: str | Path, row: dict[str, Any], trial_config: dict) -> dict[str, str]:
+    """best_config.yaml (runnable with ``raydistill train``) and, if asked, best_student/ (a copy)."""
+    from raydistill.sweep.space import trial_values
+
+    directory = Path(directory)
+    values = trial_values(sweep.dims, trial_config)
+    cfg = sweep.trial_config(values, output_dir=str(directory / "best_run"), name=f"{sweep.spec.name}-best")
+    out = {"best_config": str(directory / "best_config.yaml")}
+    header = (f"# best trial {row['trial']} of sweep {sweep.spec.name} by {sweep.spec.metric} "
+              f"({sweep.spec.mode}) = {row.get(sweep.spec.metric)}\n# rerun: raydistill train {out['best_config']}\n")
+    (directory / "best_config.yaml").write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    src = row.get("checkpoint_path")
+    if sweep.spec.export_best and src and Path(src).is_dir():
+        dst = directory / "best_student"
+        tmp = directory / ".best_student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        out["best_student"] = str(dst)
+    return out
+
+
+def load_saved_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """The sweep as saved when it started (its base inlined), with optional overrides."""
+    p = Path(path)
+    if not (p / SWEEP_FILE).is_file():
+        raise ConfigError(f"{path}: no {SWEEP_FILE} here; give the sweep directory (STORAGE_PATH/NAME)")
+    return load_sweep(p / SWEEP_FILE, overrides)
+
+
+def format_leaderboard(frame, sweep: Sweep, limit: int | None = None) -> str:
+    """A plain-text leaderboard: rank, trial, status, swept values, the metric and the benchmark scores."""
+    metric = sweep.spec.metric
+    board = leaderboard(frame, metric, sweep.spec.mode)
+    if limit:
+        board = board.head(limit)
+    cols = ["trial", "status", "step"] + [c for c in board.columns if c.startswith("config/")]
+    cols += [c for c in [metric, "val/loss", "val/ppl"] if c in board.columns and c not in cols]
+    cols += [c for c in board.columns if c.startswith("bench/") and c not in cols]
+    cols += ["runtime_s"]
+    return render(board, [c for c in cols if c in board.columns], title=f"sweep {sweep.spec.name}: {metric} "
+                  f"({sweep.spec.mode})")
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render(frame, cols: list[str], title: str = "") -> str:
+    headers = ["#"] + [c.removeprefix("config/") for c in cols]
+    body = [[str(i + 1)] + [_fmt(v) for v in row] for i, row in enumerate(frame[cols].itertuples(index=False))]
+    widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])] + [line(r) for r in body]
+    return "\n".join(out)

@@ -1,0 +1,74 @@
+"""One sweep trial: the Tune function trainable ("driver") of the Train V2 pattern.
+
+It turns Tune's sampled point into an experiment config, fits a TorchTrainer whose reports Tune receives
+through ``TuneReportCallback`` (so schedulers see every evaluation), then scores the exported student on
+the benchmark tasks as Ray tasks with their own resources and reports the scores as the trial's last
+result. It returns None: a returned dict would count as one more result."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from raydistill.sweep.spec import Sweep
+from raydistill.sweep.space import trial_values
+
+TRIAL_LOG = "trial.jsonl"  # one line per driver start and end: how resumes are audited
+
+
+def _log(trial_dir: Path, event: str, **fields: Any) -> None:
+    with open(trial_dir / TRIAL_LOG, "a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+
+def bench_scores(summary) -> dict[str, float]:
+    """``bench/<task>/<metric>`` -> mean over seeds, from an evaluation summary."""
+    return {f"bench/{row.task}/{row.metric}": float(row.mean) for row in summary}
+
+
+def run_benchmarks(sweep: Sweep, cfg, model_dir: str, trial_dir: Path) -> dict[str, float]:
+    from dataclasses import asdict
+
+    from raydistill.eval.runner import evaluate
+    from raydistill.eval.settings import EvalSettings
+
+    spec = sweep.spec.eval
+    if not spec.tasks:
+        return {}
+    # The built-in tasks come from the same generated world as the training corpus.
+    settings = EvalSettings(**{"builtin_seed": cfg.data.builtin.seed, **spec.settings})
+    report = evaluate(model_dir, spec.tasks, settings, spec.data_dir, use_ray=True)
+    (trial_dir / "bench.json").write_text(json.dumps(
+        {"summary": [asdict(r) for r in report.summary], "rows": [asdict(r) for r in report.rows],
+         "wall_s": report.wall_s, "notes": report.notes}, indent=2))
+    return bench_scores(report.summary)
+
+
+def trial_driver(config: dict[str, Any], sweep: Sweep) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydistill.train.launcher import fit, with_teacher
+    from raydistill.train.plan import prepare
+
+    ctx = tune.get_context()
+    # Tune's trial dir is a per-session staging folder; with local storage the run writes straight into
+    # the sweep directory instead, so exports and checkpoints outlive the session (resume, best student).
+    trial_dir = Path(ctx.get_trial_dir())
+    if sweep.is_local:
+        trial_dir = Path(sweep.dir) / trial_dir.name
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    _log(trial_dir, "start", trial_id=ctx.get_trial_id())
+    values = trial_values(sweep.dims, config)
+    cfg = sweep.trial_config(values, output_dir=str(trial_dir), name=ctx.get_trial_id())
+    (trial_dir / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    plan = with_teacher(cfg, prepare(cfg))
+    # Checkpoints go to the sweep's storage (shared or cloud storage on a multi-node cluster).
+    storage = None if sweep.is_local else f"{sweep.dir}/{trial_dir.name}/train"
+    summary = fit(plan, callbacks=[TuneReportCallback()], storage_path=storage)
+    final = {k: v for k, v in (summary["final_metrics"] or {}).items() if isinstance(v, (int, float))}
+    scores = run_benchmarks(sweep, cfg, plan.export_dir, trial_dir)
+    tune.report({**final, **scores, "step": cfg.train.max_steps, "export_dir": plan.export_dir, "finished": 1})
+    _log(trial_dir, "end", **scores)

@@ -1,0 +1,123 @@
+"""Sweeps end to end on a real local Ray cluster: Tune drivers fitting TorchTrainers with DeepSpeed workers.
+
+- ASHA stops a weak trial early, the sweep finishes and no CPU stays reserved.
+- A trial with a bad value inside the space fails while the others finish; a sweep interrupted after one
+  finished trial resumes with ``--resume`` and runs only the remaining trials."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+BASE = {
+    "teacher": {"name": "tiny-gpt2"},  # random preset: no pretraining cost, still a real distillation run
+    "student": {"num_layers": 1},
+    "tokenizer": {"vocab_size": 512},
+    "data": {"builtin": {"num_documents": 400}, "block_size": 32},
+    "objectives": {"task": {"weight": 1.0}, "kd": {"weight": 1.0}},
+    "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0, "lr_schedule": "constant",
+              "log_every": 4, "eval_every": 4, "eval_batches": 1},
+    "scaling": {"num_workers": 1},
+    "ray": {"dashboard": False, "log_to_driver": False},
+}
+
+
+def sweep_file(tmp_path: Path, cache_dir: str, **spec) -> Path:
+    base = {**BASE, "cache_dir": cache_dir}
+    data = {"name": "s", "base": base, "storage_path": str(tmp_path / "sweeps"), "max_concurrent_trials": 1,
+            "status_every_s": 1000, **spec}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "raydistill.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def starts(trial_dir: Path) -> int:
+    return sum(json.loads(ln)["event"] == "start" for ln in (trial_dir / "trial.jsonl").read_text().splitlines())
+
+
+def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cache_dir):
+    import ray
+
+    from raydistill.sweep.runner import run_sweep
+    from raydistill.sweep.spec import load_sweep
+
+    # Grid order is fixed and trials run one at a time: the third (lr ~ 0) reaches the first rung behind
+    # two trained trials and is stopped there.
+    path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-3, 2e-3, 1e-9]}},
+                      scheduler={"kind": "asha", "grace_period": 4, "reduction_factor": 3},
+                      metric="val/loss", mode="min", eval={"tasks": None})
+    try:
+        out = run_sweep(load_sweep(path))
+        frame = pd.read_csv(Path(out["directory"]) / "results.csv")
+        status = dict(zip(frame["config/train.lr"], frame["status"]))
+        assert status == {3e-3: "finished", 2e-3: "finished", 1e-9: "stopped"}, frame.to_dict("records")
+        assert frame.loc[frame["status"] == "stopped", "step"].max() < 12
+        assert out["best_trial"] in set(frame.loc[frame["status"] == "finished", "trial"])
+        # Nothing stays reserved: the stopped trial's Train workers were released.
+        deadline = time.time() + 60
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+            time.sleep(1)
+        assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    finally:
+        ray.shutdown()
+
+
+def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cache_dir):
+    # Three trials in grid order: a good one, one whose lr the config refuses, another good one. The sweep
+    # is interrupted (SIGINT) once the first has finished; --resume must not run the first again.
+    path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-3, -1.0, 2e-3]}},
+                      metric="bench/builtin-ppl/perplexity", mode="min",
+                      eval={"tasks": ["builtin-ppl"], "settings": {"builtin_eval_examples": 50}})
+    directory = tmp_path / "sweeps" / "s"
+    proc = cli("sweep", str(path))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        table = directory / "results.csv"
+        if table.is_file() and (pd.read_csv(table)["status"] == "finished").sum() >= 1:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    proc.send_signal(signal.SIGINT)
+    first = proc.communicate(timeout=180)[0]
+    before = pd.read_csv(directory / "results.csv")
+    assert (before["status"] == "finished").sum() == 1, (before.to_dict("records"), first[-3000:])
+    done_trial = before.loc[before["status"] == "finished", "trial"].item()
+
+    out = finish(cli("sweep", "--resume", str(directory)))
+    frame = pd.read_csv(directory / "results.csv").set_index("config/train.lr")
+    assert frame.loc[3e-3, "status"] == "finished" and frame.loc[2e-3, "status"] == "finished", out[-3000:]
+    assert frame.loc[-1.0, "status"] == "failed" and "train.lr" in frame.loc[-1.0, "error"]
+    assert frame.loc[3e-3, "trial"] == done_trial
+    assert starts(directory / f"trial_{done_trial}") == 1  # not redone
+    assert frame["bench/builtin-ppl/perplexity"].notna().sum() == 2
+    # The outputs a user reads: leaderboard, best config (runnable) and best student.
+    assert "sweep s: bench/builtin-ppl/perplexity (min)" in out
+    from raydistill.config import load_config
+
+    best = load_config(directory / "best_config.yaml")
+    assert best.train.lr in (3e-3, 2e-3)
+    assert (directory / "best_student" / "config.json").is_file()
+    board = subprocess.run([sys.executable, "-m", "raydistill.cli", "results", str(directory)], capture_output=True,
+                           text=True, timeout=120)
+    assert board.returncode == 0 and board.stdout.splitlines()[3].split()[2] == "finished", board.stdout

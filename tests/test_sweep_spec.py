@@ -1,0 +1,186 @@
+"""Sweep files: search-space parsing for every primitive and structured choice, validation errors before
+any trial starts, overrides, trial configs, and the results table / leaderboard."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from ray import tune
+
+from raydistill.errors import ConfigError
+from raydistill.sweep import results as R
+from raydistill.sweep.space import grid_size, param_space, parse_space, trial_values
+from raydistill.sweep.spec import load_sweep
+
+BASE = {"teacher": {"name": "tiny-gpt2"}, "objectives": {"task": {"weight": 1.0}, "kd": {"weight": 1.0}},
+        "train": {"max_steps": 10}}
+
+
+def sweep_data(**extra):
+    return {"name": "t", "base": BASE, **extra}
+
+
+def load(tmp_path, overrides=(), **extra):
+    extra.setdefault("storage_path", str(tmp_path / "sweeps"))
+    return load_sweep(None, list(overrides), data=sweep_data(**extra))
+
+
+def test_every_primitive_becomes_its_tune_domain():
+    dims = parse_space({
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "objectives.kd.weight": {"uniform": [0.0, 2.0]},
+        "objectives.kd.temperature": {"choice": [1.0, 2.0, 4.0]},
+        "train.batch_size": {"grid": [8, 16]},
+        "student.num_layers": {"randint": [1, 4]},
+        "train.warmup_ratio": {"quniform": [0.0, 0.2, 0.05]},
+    })
+    space = param_space(dims)
+    assert isinstance(space["train.lr"], tune.search.sample.Float)
+    assert isinstance(space["train.lr"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["objectives.kd.weight"].get_sampler(), tune.search.sample.Uniform)
+    assert space["objectives.kd.temperature"].categories == [1.0, 2.0, 4.0]
+    assert space["train.batch_size"] == {"grid_search": [8, 16]}
+    assert isinstance(space["student.num_layers"], tune.search.sample.Integer)
+    assert (space["student.num_layers"].lower, space["student.num_layers"].upper) == (1, 4)
+    assert isinstance(space["train.warmup_ratio"].get_sampler(), tune.search.sample.Quantized)
+    assert grid_size(dims) == 2
+    # Sampled points come back unchanged for scalar dimensions.
+    point = {"train.lr": 3e-3, "objectives.kd.weight": 0.5, "objectives.kd.temperature": 2.0,
+             "train.batch_size": 16, "student.num_layers": 3, "train.warmup_ratio": 0.1}
+    assert trial_values(dims, point) == point
+
+
+def test_named_and_structured_choices_sample_names_and_give_values():
+    dims = parse_space({
+        "objectives.iit.alignment": {"choice": {"middle": "middle", "pairs": [{"teacher": [2, 3], "student": 1}]}},
+        "student.init_layers": {"grid": [[0, 3], [1, 2]]},
+    })
+    dims += parse_space({
+        "objectives": {"grid": {"kd": {"task": {"weight": 1}, "kd": {"weight": 1}}, "task": {"task": {"weight": 1}}}},
+    })
+    space = param_space(dims)
+    assert space["objectives.iit.alignment"].categories == ["middle", "pairs"]  # Tune (and Optuna) see names
+    assert space["student.init_layers"] == {"grid_search": ["[0,3]", "[1,2]"]}  # auto-named by compact JSON
+    assert space["objectives"] == {"grid_search": ["kd", "task"]}
+    values = trial_values(dims, {"objectives.iit.alignment": "pairs", "student.init_layers": "[1,2]",
+                                 "objectives": "task"})
+    assert values == {"objectives.iit.alignment": [{"teacher": [2, 3], "student": 1}], "student.init_layers": [1, 2],
+                      "objectives": {"task": {"weight": 1}}}
+    assert grid_size(dims) == 4
+
+
+def test_trial_config_replaces_sections_and_sets_run_identity(tmp_path):
+    sweep = load(tmp_path, space={"objectives": {"choice": {"only_task": {"task": {"weight": 2.0}}}},
+                                  "train.lr": {"uniform": [1e-4, 1e-3]}}, set={"train.max_steps": 7})
+    values = trial_values(sweep.dims, {"objectives": "only_task", "train.lr": 5e-4})
+    cfg = sweep.trial_config(values, output_dir=str(tmp_path / "trial"), name="trial_1")
+    assert cfg.active_objectives().keys() == {"task"} and cfg.objectives.task.weight == 2.0
+    assert cfg.train.lr == 5e-4 and cfg.train.max_steps == 7  # 'set' applies to every trial
+    assert (cfg.output_dir, cfg.name) == (str(tmp_path / "trial"), "trial_1")
+
+
+def test_overrides_address_the_sweep_file(tmp_path):
+    sweep = load(tmp_path, ["num_samples=3", f"storage_path={tmp_path / 'elsewhere'}", "set.train.lr=2e-4",
+                            "scheduler.kind=asha", "set.train.eval_every=5"],
+                 space={"objectives.kd.weight": {"uniform": [0, 1]}})
+    assert sweep.spec.num_samples == 3
+    assert sweep.dir == f"{tmp_path / 'elsewhere'}/t"
+    assert sweep.base["train"]["lr"] == 2e-4
+
+
+def test_base_path_is_relative_to_the_sweep_file(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": "configs/base.yaml",
+                                                     "storage_path": str(tmp_path / "out")}))
+    sweep = load_sweep(tmp_path / "s.yaml")
+    assert sweep.base["teacher"]["name"] == "tiny-gpt2"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"space": {"train.learning_rate": {"choice": [1e-3]}}}, "'train.learning_rate' is not a config field"),
+    ({"space": {"objectives.kd.temprature": {"choice": [1]}}}, "'objectives.kd.temprature' is not a config field"),
+    ({"space": {"train.lr.x": {"choice": [1]}}}, "is a value, not a section"),
+    ({"space": {"train.lr": {"choice": []}}}, "choice is empty"),
+    ({"space": {"train.lr": {"grid": {}}}}, "grid is empty"),
+    ({"space": {"train.lr": {"uniform": [1e-2, 1e-3]}}}, "needs low < high"),
+    ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+    ({"space": {"train.lr": {"quniform": [0, 1]}}}, "quniform takes [low, high, q]"),
+    ({"space": {"train.lr": {"normal": [0, 1]}}}, "expected one of"),
+    ({"space": {"train.lr": 1e-3}}, "constants belong under 'set'"),
+    ({"space": {"train": {"choice": [{}]}, "train.lr": {"choice": [1]}}}, "overlap"),
+    ({"metric": "val/accuracy"}, "metric 'val/accuracy' is never reported"),
+    ({"metric": "val/iit"}, "never reported"),  # no trial runs IIT
+    ({"metric": "bench/squad/f1"}, "never reported"),  # squad is not among the eval tasks
+    ({"metric": "bench/builtin-cola/accuracy", "eval": {"tasks": None}}, "never reported"),
+    ({"eval": {"tasks": "nonsense"}}, "nonsense"),
+    ({"scheduler": {"kind": "asha"}}, None),  # caught by the runner (no intermediate reports): see below
+    ({"search": {"algorithm": "optuna"}, "space": {"train.lr": {"grid": [1e-3]}}}, "cannot expand grid"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind"),
+])
+def test_bad_sweep_files_fail_before_any_trial(tmp_path, extra, message):
+    import ray
+
+    if message is None:
+        from raydistill.sweep.runner import check_scheduler
+
+        with pytest.raises(ConfigError, match="set train.eval_every"):
+            check_scheduler(load(tmp_path, **extra))
+        return
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, **extra)
+    assert message in str(err.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists()  # nothing written
+
+
+def test_metrics_of_possible_objectives_and_benchmarks_are_accepted(tmp_path):
+    load(tmp_path, metric="val/kd")
+    load(tmp_path, metric="bench/builtin-qa/f1", mode="max")
+    load(tmp_path, metric="val/iia", space={"objectives.iit.weight": {"choice": [0.0, 1.0]}})
+    load(tmp_path, metric="bench/glue/glue_average", mode="max", eval={"tasks": ["sst2", "cola"]})
+
+
+def test_asha_on_a_benchmark_metric_is_refused(tmp_path):
+    from raydistill.sweep.runner import check_scheduler
+
+    sweep = load(tmp_path, metric="bench/builtin-ppl/perplexity", scheduler={"kind": "asha"},
+                 set={"train.eval_every": 5})
+    with pytest.raises(ConfigError, match="scheduler.metric"):
+        check_scheduler(sweep)
+
+
+def test_cli_reports_a_bad_sweep_file_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(sweep_data(storage_path=str(tmp_path / "out"),
+                                             space={"train.lrr": {"choice": [1]}})))
+    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "sweep", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "'train.lrr' is not a config field" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_table_leaderboard_and_best(tmp_path):
+    rows = [
+        {"trial": "a", "status": "finished", "step": 10, "config/train.lr": 1e-3, "val/loss": 2.0, "runtime_s": 5.0},
+        {"trial": "b", "status": "failed", "step": 3, "config/train.lr": -1.0, "val/loss": None, "runtime_s": 1.0},
+        {"trial": "c", "status": "stopped", "step": 5, "config/train.lr": 1e-5, "val/loss": 3.0, "runtime_s": 2.0},
+        {"trial": "d", "status": "finished", "step": 10, "config/train.lr": 2e-3, "val/loss": 1.5, "runtime_s": 6.0},
+    ]
+    R.write_table(tmp_path, rows)
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.parquet").is_file()
+    frame = R.read_table(tmp_path)
+    assert list(R.leaderboard(frame, "val/loss", "min")["trial"]) == ["d", "a", "c", "b"]
+    assert list(R.leaderboard(frame, "val/loss", "max")["trial"]) == ["c", "a", "d", "b"]
+    assert R.best_row(rows, "val/loss", "min")["trial"] == "d"
+    assert R.best_row(rows[1:2], "val/loss", "min") is None
+    sweep = load(tmp_path, space={"train.lr": {"uniform": [1e-5, 1e-2]}})
+    text = R.format_leaderboard(frame, sweep)
+    lines = text.splitlines()
+    assert lines[0].startswith("sweep t: val/loss (min)") and "train.lr" in lines[1]
+    assert lines[3].split()[:3] == ["1", "d", "finished"] and lines[-1].split()[:3] == ["4", "b", "failed"]
+    with pytest.raises(ConfigError, match="no results.csv"):
+        R.read_table(tmp_path / "missing")
