@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +101,23 @@ class TokenizerSpec(Strict):
 
 
 # ----------------------------------------------------------------------------------------------- data
+def _resolve_paths(v: str | list[str] | None) -> list[str] | None:
+    """Expand files / globs to resolved paths; a pattern matching nothing is an error."""
+    if v is None:
+        return v
+    patterns = [v] if isinstance(v, str) else v
+    if not patterns:
+        raise ValueError("empty list of paths")
+    out = []
+    for pat in patterns:
+        pat = os.path.expanduser(pat)
+        hits = sorted(glob.glob(pat, recursive=True))
+        if not hits:
+            raise ValueError(f"no file matches {pat!r}")
+        out.extend(str(Path(h).resolve()) for h in hits)
+    return out
+
+
 class BuiltinCorpus(Strict):
     num_documents: int = Field(4000, ge=10)
     seed: int = 0
@@ -129,19 +147,7 @@ class DataSpec(Strict):
     @field_validator("path", "validation_path")
     @classmethod
     def _files_exist(cls, v):
-        if v is None:
-            return v
-        patterns = [v] if isinstance(v, str) else v
-        if not patterns:
-            raise ValueError("empty list of paths")
-        out = []
-        for pat in patterns:
-            pat = os.path.expanduser(pat)
-            hits = sorted(glob.glob(pat, recursive=True))
-            if not hits:
-                raise ValueError(f"no file matches {pat!r}")
-            out.extend(str(Path(h).resolve()) for h in hits)
-        return out
+        return _resolve_paths(v)
 
     @model_validator(mode="after")
     def _source_matches(self):
@@ -164,6 +170,158 @@ class DataSpec(Strict):
             elif v.get("hub"):
                 v = {**v, "source": "hub"}
         return v
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+PROMPT_SUFFIXES = (".jsonl", ".json")
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a prompt template reads, in order; a template must name at least one."""
+    import string
+
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a valid format string ({e}); "
+                         "write literal braces as {{ and }}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"template {template!r}: placeholder {{{name}}} must name a field, e.g. {{instruction}}")
+        if spec or conv:
+            raise ValueError(f"template {template!r}: placeholder {{{name}}} takes no format spec or conversion")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"template {template!r} names no field; e.g. '{{prompt}}' or "
+                         "'Instruction: {instruction}\\nInput: {context}\\nResponse:'")
+    return names
+
+
+class BuiltinPrompts(Strict):
+    num_examples: int = Field(2000, ge=10, description="fact-sentence completions about the built-in corpus's "
+                              "world ('Alice Smith works as' -> ' a doctor for ...'); at most ~400 distinct")
+    seed: int = Field(0, description="the world (use data.builtin.seed's value to ask about the training corpus)")
+
+
+class PromptDataSpec(Strict):
+    """Prompt/response examples: jsonl (or a .json list) with one object per example, or the built-in set
+    (rows ``{"prompt", "response"}`` about the built-in corpus's people and organisations)."""
+
+    source: Literal["builtin", "files"] = Field("builtin", description="inferred: 'files' when path is set")
+    path: str | list[str] | None = Field(None, description="jsonl/json files or globs")
+    validation_path: str | list[str] | None = None
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    builtin: BuiltinPrompts = Field(default_factory=BuiltinPrompts)
+    template: str = Field("{prompt}", description="the prompt text, a format string over the example's fields, "
+                          "e.g. 'Instruction: {instruction}\\nInput: {context}\\nResponse:'")
+    response_field: str = Field("response", description="field holding the reference response")
+    max_prompt_tokens: int = Field(96, ge=1, description="longer prompts keep their last tokens")
+    max_response_tokens: int = Field(64, ge=1, description="longer responses are cut (EOS included)")
+    max_examples: int | None = Field(None, ge=1, description="cap the training examples (quick runs)")
+    seed: int = Field(0, description="shuffle seed of the held-out split")
+
+    @field_validator("path", "validation_path")
+    @classmethod
+    def _files_exist(cls, v):
+        paths = _resolve_paths(v)
+        for path in paths or []:
+            if not path.lower().endswith(PROMPT_SUFFIXES):
+                raise ValueError(f"{path!r}: allowed file types {', '.join(PROMPT_SUFFIXES)} (one JSON object "
+                                 "per line, or a list of objects)")
+        return paths
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        template_fields(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_source(cls, v):
+        if isinstance(v, dict) and "source" not in v and v.get("path"):
+            v = {**v, "source": "files"}
+        return v
+
+    @model_validator(mode="after")
+    def _source_matches(self):
+        if self.source == "builtin" and self.path:
+            raise ValueError("path is set but source is 'builtin'; remove source (it is inferred) or set 'files'")
+        if self.source == "files" and not self.path:
+            raise ValueError("source 'files' needs path")
+        return self
+
+    @property
+    def max_length(self) -> int:
+        return self.max_prompt_tokens + self.max_response_tokens
+
+
+class SamplingSpec(Strict):
+    """How a model writes responses (Hugging Face ``generate``)."""
+
+    do_sample: bool = Field(True, description="false: greedy")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the prompt data's max_response_tokens")
+
+    def generate_kwargs(self, default_max_new_tokens: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {"do_sample": self.do_sample,
+                              "max_new_tokens": self.max_new_tokens or default_max_new_tokens}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kw
+
+
+class GenerationSpec(SamplingSpec):
+    """Regime (b): the teacher answers every training prompt ``num_samples`` times, once; the samples are
+    cached under cache_dir/generations by content hash and reused by later runs and restarts."""
+
+    num_samples: int = Field(8, ge=1, description="samples per prompt (8 in the paper)")
+    seed: int = 0
+    batch_size: int = Field(32, ge=1, description="prompts per generate call on each worker")
+
+
+class OnPolicySpec(SamplingSpec):
+    """Regime (c): with probability ``probability`` (lambda) a micro-batch's responses are replaced by the
+    current student's samples for the same prompts (drawn from the step seed: resumes replay it)."""
+
+    probability: float = Field(0.0, ge=0, le=1, description="lambda; 0: off")
+
+
+class PromptsSpec(PromptDataSpec):
+    """Train the main objectives on prompt + response sequences (labels only on the response) instead of
+    corpus text. ``responses: teacher`` (regime b): the expert tokens are the teacher's samples;
+    ``dataset``: the data's reference responses."""
+
+    responses: Literal["teacher", "dataset"] = "teacher"
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        for name, spec in (("generation", self.generation), ("on_policy", self.on_policy)):
+            if spec.max_new_tokens is not None and spec.max_new_tokens > self.max_response_tokens:
+                raise ValueError(f"{name}.max_new_tokens {spec.max_new_tokens} exceeds max_response_tokens "
+                                 f"{self.max_response_tokens}; raise max_response_tokens")
+        return self
+
+
+class RougeSpec(SamplingSpec):
+    """ROUGE-L of the student's responses against references, in validation (decoders)."""
+
+    do_sample: bool = Field(False, description="false: greedy (then seeds only repeat the same result)")
+    data: PromptDataSpec | None = Field(None, description="default: the prompts section's held-out split when "
+                                        "prompts is set, else the built-in prompt set's")
+    num_prompts: int = Field(64, ge=1, description="held-out prompts scored (the first N)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one generation per seed; "
+                             "val/rougeL is the mean over seeds")
+    batch_size: int = Field(32, ge=1, description="prompts per generate call on each worker")
+    teacher: bool = Field(True, description="also score the teacher once (val/rougeL_teacher), for reference")
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -238,6 +396,19 @@ def _objectives_model() -> type[BaseModel]:
 ObjectivesSpec = _objectives_model()
 
 
+STREAM_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class StreamSpec(Strict):
+    """A second data stream: its own corpus batches, through the same student/teacher step, with its own
+    objectives and weights; its weighted loss adds to the main one every micro-step and its terms are
+    logged as ``<stream>/<term>`` (e.g. the TD paper's ``lm`` stream: task 0.5 + kd 0.5 on pre-training text)."""
+
+    data: DataSpec | None = Field(None, description="default: the top-level data corpus")
+    batch_size: int | None = Field(None, ge=1, description="micro-batch per worker; default: train.batch_size")
+    objectives: ObjectivesSpec  # type: ignore[valid-type]
+
+
 class ExperimentConfig(Strict):
     name: str = Field("debug", pattern=r"^[A-Za-z0-9_.\-]+$")
     output_dir: str = "runs/debug"
@@ -247,6 +418,10 @@ class ExperimentConfig(Strict):
     student: StudentSpec = Field(default_factory=StudentSpec)
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    prompts: PromptsSpec | None = Field(None, description="prompt/response training data (regimes b, c); "
+                                        "unset: the main objectives train on the data corpus (regime a)")
+    streams: dict[str, StreamSpec] = Field(default_factory=dict, description="extra data streams by name")
+    rouge: RougeSpec | None = Field(None, description="ROUGE-L of generated responses in validation")
     objectives: ObjectivesSpec = Field(default_factory=lambda: ObjectivesSpec(task={"weight": 1.0}))  # type: ignore[call-arg]
     train: TrainSpec = Field(default_factory=TrainSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -266,6 +441,20 @@ class ExperimentConfig(Strict):
         if self.train.batch_size < needed:
             raise ValueError(f"train.batch_size {self.train.batch_size}: objectives {sorted(active)} pair examples "
                              f"within a batch; allowed: {needed} or more")
+        for name, stream in self.streams.items():
+            if not re.match(STREAM_NAME, name) or name in REGISTRY or name in ("val", "loss"):
+                raise ValueError(f"streams.{name}: a stream name is a lowercase identifier ({STREAM_NAME}) other "
+                                 f"than an objective's name or 'val'/'loss' (it prefixes the stream's metrics)")
+            for cls in REGISTRY.values():
+                cls.reconcile(stream.objectives)
+            terms = {k: v for k, v in stream.objectives if v is not None and v.weight > 0}
+            if not terms:
+                raise ValueError(f"streams.{name}.objectives: no objective has a positive weight")
+            size = stream.batch_size or self.train.batch_size
+            needed = max(REGISTRY[k].min_batch_size for k in terms)
+            if size < needed:
+                raise ValueError(f"streams.{name}.batch_size {size}: objectives {sorted(terms)} pair examples "
+                                 f"within a batch; allowed: {needed} or more")
         if self.student.init == "teacher" and self.student.config_overrides.get("hidden_size") not in (
                 None, self.teacher.config_overrides.get("hidden_size")):
             raise ValueError("student.init 'teacher' copies teacher weights, so the student cannot change "
@@ -275,6 +464,10 @@ class ExperimentConfig(Strict):
     def active_objectives(self) -> dict[str, Any]:
         """name -> settings of every configured objective with weight > 0, in registry order."""
         return {k: v for k, v in self.objectives if v is not None and v.weight > 0}
+
+    def stream_objectives(self, stream: str) -> dict[str, Any]:
+        """Like ``active_objectives`` for the extra stream ``stream``."""
+        return {k: v for k, v in self.streams[stream].objectives if v is not None and v.weight > 0}
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of some sections (cache keys for teachers, tokenizers, packed data)."""
@@ -333,11 +526,16 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 
 def _allowed_keys(dotted_parent: str | None) -> list[str]:
     model: Any = ExperimentConfig
+    keyed = False  # the previous field was a dict of sections (streams): this part is a free key
     for part in (dotted_parent.split(".") if dotted_parent else []):
+        if keyed:
+            keyed = False
+            continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []
         ann = field.annotation
+        keyed = getattr(ann, "__origin__", None) is dict
         model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
                      None)
         if model is None:

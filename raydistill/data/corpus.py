@@ -58,6 +58,13 @@ def _hub(spec: DataSpec, split: str) -> list[str]:
     return [t for t in ds[spec.text_field] if t and t.strip()]
 
 
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a deterministic random ``fraction`` (at least one item) held out."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    held = set(order[:max(1, int(len(items) * fraction))].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def load_corpus(spec: DataSpec) -> tuple[list[str], list[str]]:
     """(train documents, validation documents)."""
     if spec.source == "builtin":
@@ -74,12 +81,7 @@ def load_corpus(spec: DataSpec) -> tuple[list[str], list[str]]:
     if spec.max_documents:
         docs = docs[:spec.max_documents]
     if val is None:
-        # Hold out a deterministic random fraction of documents.
-        order = np.random.default_rng(spec.seed).permutation(len(docs))
-        n_val = max(1, int(len(docs) * spec.validation_fraction))
-        held = set(order[:n_val].tolist())
-        val = [d for i, d in enumerate(docs) if i in held]
-        docs = [d for i, d in enumerate(docs) if i not in held]
+        docs, val = hold_out(docs, spec.validation_fraction, spec.seed)
     if not docs:
         raise ConfigError("data: the corpus is empty")
     return docs, val

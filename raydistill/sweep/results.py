@@ -141,11 +141,25 @@ def format_leaderboard(frame, sweep: Sweep, limit: int | None = None) -> str:
     if limit:
         board = board.head(limit)
     cols = ["trial", "status", "step"] + [c for c in board.columns if c.startswith("config/")]
-    cols += [c for c in [metric, "val/loss", "val/ppl"] if c in board.columns and c not in cols]
-    cols += [c for c in board.columns if c.startswith("bench/") and c not in cols]
+    cols += [c for c in [metric, "val/loss", "val/ppl", "val/iia/mean", "val/rougeL"] if c in board.columns
+             and c not in cols]
+    cols += [c for c in board.columns if _headline(c) and c not in cols]
     cols += ["runtime_s"]
     return render(board, [c for c in cols if c in board.columns], title=f"sweep {sweep.spec.name}: {metric} "
                   f"({sweep.spec.mode})")
+
+
+def _headline(column: str) -> bool:
+    """A benchmark task's first official metric (the full set stays in the table)."""
+    from raydistill.eval.tasks import TASKS
+
+    parts = column.split("/")
+    if len(parts) != 3 or parts[0] != "bench":
+        return False
+    if parts[1:] == ["glue", "glue_average"]:
+        return True
+    spec = TASKS.get(parts[1])
+    return spec is not None and spec.metrics[0] == parts[2]
 
 
 def _fmt(v) -> str:

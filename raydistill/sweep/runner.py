@@ -96,8 +96,10 @@ def _scheduler(sweep: Sweep):
     s = sweep.spec.scheduler
     metric, mode = s.metric or sweep.spec.metric, s.mode or sweep.spec.mode
     if s.kind == "asha":
+        # stop_last_trials=False: a trial reaching max_t ends by itself, after scoring its student.
         return ASHAScheduler(time_attr="step", metric=metric, mode=mode, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor, max_t=s.max_t or sweep.base["train"]["max_steps"])
+                             reduction_factor=s.reduction_factor, max_t=s.max_t or sweep.base["train"]["max_steps"],
+                             stop_last_trials=False)
     if s.kind == "median":
         return MedianStoppingRule(time_attr="step", metric=metric, mode=mode, grace_period=s.grace_period,
                                   min_samples_required=2)
@@ -154,6 +156,12 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     spec = sweep.spec
     check_scheduler(sweep)
     base_cfg = sweep.base_config()
+    if not base_cfg.ray.dashboard and not (base_cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # Ray Train frees a stopped trial's worker placement group through the State API, which the
+        # dashboard serves: without it, the first trial a scheduler stops blocks every later one.
+        print("[raydistill] note: sweeps start the Ray dashboard (ray.dashboard=false ignored): Ray Train needs "
+              "it to release the workers of trials a scheduler stops", flush=True)
+        base_cfg = base_cfg.model_copy(update={"ray": base_cfg.ray.model_copy(update={"dashboard": True})})
     # Schedulers tolerate results without their metric (evaluations are periodic, scores come at the end).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -184,7 +192,22 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[SweepMonitor(sweep, directory)]))
     grid = tuner.fit()
-    return finish(sweep, directory, grid)
+    out = finish(sweep, directory, grid)
+    out["free_cpus"], out["total_cpus"] = _settled_cpus()
+    print(f"[raydistill] cluster after the sweep: {out['free_cpus']:g} of {out['total_cpus']:g} CPUs free", flush=True)
+    return out
+
+
+def _settled_cpus(timeout_s: float = 30.0) -> tuple[float, float]:
+    """Free and total CPUs once the last trial's workers are gone (stopped trials release theirs asynchronously)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+        if free >= total or time.monotonic() > deadline:
+            return free, total
+        time.sleep(1.0)
 
 
 def _storage(path: str) -> str:

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from raydistill.config import PRESETS, ExperimentConfig, ModelSpec
+from raydistill.config import PRESETS, ExperimentConfig, ModelSpec, PromptDataSpec, PromptsSpec, RougeSpec
 from raydistill.data.blocks import Blocks, TokenInfo
 from raydistill.data.corpus import load_corpus
 from raydistill.data.pipeline import data_key, packed_corpus, token_info
+from raydistill.data.prompts import PromptSet, Sequences, build_sequences, load_prompt_examples, tokenize_prompts
 from raydistill.data.tokenizer import cached_tokenizer, load_tokenizer
 from raydistill.errors import ConfigError
 from raydistill.models.loading import is_encoder, model_config, model_info, student_config, teacher_layer_map
@@ -25,6 +26,38 @@ from raydistill.objectives import REGISTRY, build_objectives
 from raydistill.objectives.base import ModelInfo, ObjectiveSettings
 
 Mode = Literal["distill", "teacher"]
+
+
+@dataclass
+class PromptPlan:
+    """Prompt/response training data (regimes b and c, or reference responses)."""
+
+    spec: PromptsSpec
+    train: PromptSet
+    val_rows: Sequences  # held-out prompts + reference responses: validation batches
+    train_rows: Sequences | None  # prompts + reference responses; None when the teacher writes them
+    tokenizer_fingerprint: str
+
+    @property
+    def length(self) -> int:
+        return self.spec.max_length
+
+
+@dataclass
+class StreamPlan:
+    """An extra data stream: its corpus blocks and objectives."""
+
+    objectives: dict[str, ObjectiveSettings]
+    blocks: tuple[Blocks, Blocks]
+    batch_size: int
+    mlm_probability: float
+
+
+@dataclass
+class RougePlan:
+    spec: RougeSpec
+    prompts: PromptSet  # the first num_prompts held-out prompts and their references
+    max_new_tokens: int
 
 
 @dataclass
@@ -48,6 +81,9 @@ class RunPlan:
     blocks: tuple[Blocks, Blocks] | None = None
     blocks_ref: Any = None  # a Ray ObjectRef once the driver has put the data in the object store
     notes: list[str] = field(default_factory=list)
+    prompts: PromptPlan | None = None  # None: the main objectives train on the corpus blocks (regime a)
+    streams: dict[str, StreamPlan] = field(default_factory=dict)
+    rouge: RougePlan | None = None
 
     def fetch_blocks(self) -> tuple[Blocks, Blocks]:
         if self.blocks is not None:
@@ -112,12 +148,17 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
                   blocks=blocks)
 
     if mode == "teacher":
+        skipped = [k for k in ("prompts", "rouge") if getattr(cfg, k) is not None] + \
+            [f"streams.{k}" for k in cfg.streams]
         objectives = {"task": REGISTRY["task"].Settings(weight=1.0)}
         info = model_info(None, teacher_cfg)
         notes = [f"teacher mode trains {cfg.teacher.name} with the task loss only"]
         ignored = sorted(set(cfg.active_objectives()) - {"task"})
         if ignored:
             notes.append(f"objectives {ignored} need a teacher and are ignored in teacher mode")
+        if skipped:
+            notes.append(f"{', '.join(skipped)}: distillation settings, ignored in teacher mode (the teacher "
+                         "trains on the data corpus)")
         return RunPlan(**common, info=info, objectives=objectives, student_config=teacher_cfg,
                        student_source=_source(cfg.teacher), student_revision=cfg.teacher.revision,
                        teacher_config=None, teacher_source=None, teacher_revision=None, init_layers=None,
@@ -132,6 +173,20 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
     info = model_info(teacher_cfg, student_cfg)
     objectives = cfg.active_objectives()
     build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
+    max_positions = min((n for n in (_max_positions(teacher_cfg), _max_positions(student_cfg)) if n), default=None)
+    prompts = _prompt_plan(cfg, tok, encoder, max_positions)
+    streams = {}
+    for name, stream in cfg.streams.items():
+        settings = cfg.stream_objectives(name)
+        build_objectives(settings, info)
+        data = stream.data or cfg.data
+        stream_blocks = blocks if stream.data is None else packed_corpus(data, load_corpus(data), tok, encoder,
+                                                                         cfg.cache_dir)
+        if len(stream_blocks[0]) == 0 or len(stream_blocks[1]) == 0:
+            raise ConfigError(f"streams.{name}.data: the corpus produced no training or validation blocks")
+        streams[name] = StreamPlan(settings, stream_blocks, stream.batch_size or cfg.train.batch_size,
+                                   data.mlm_probability)
+    rouge = _rouge_plan(cfg, tok, encoder, max_positions)
     init_layers = None
     if cfg.student.init == "teacher":
         init_layers = teacher_layer_map(cfg.student.init_layers, info.teacher_layers, info.student_layers)
@@ -140,4 +195,61 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
                    teacher_config=teacher_cfg, teacher_source=teacher_source, teacher_revision=cfg.teacher.revision,
                    init_layers=init_layers, block_paths=(cfg.student.block_path or cfg.teacher.block_path,
                                                          cfg.teacher.block_path),
-                   export_dir=str(out / "student"), notes=notes)
+                   export_dir=str(out / "student"), notes=notes, prompts=prompts, streams=streams, rouge=rouge)
+
+
+def _max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _prompt_set(spec: PromptDataSpec, where: str, tok: PreTrainedTokenizerBase,
+                max_positions: int | None) -> tuple[PromptSet, PromptSet]:
+    if max_positions is not None and spec.max_length > max_positions:
+        raise ConfigError(f"{where}: max_prompt_tokens + max_response_tokens = {spec.max_length} exceeds the "
+                          f"models' {max_positions} positions")
+    train, val = load_prompt_examples(spec, where)
+    return (tokenize_prompts(train, tok, spec.max_prompt_tokens, spec.max_response_tokens),
+            tokenize_prompts(val, tok, spec.max_prompt_tokens, spec.max_response_tokens))
+
+
+def _decoder_only(encoder: bool, where: str) -> None:
+    if encoder:
+        raise ConfigError(f"{where}: prompt/response data and generation need decoders (causal LMs); the "
+                          "teacher is an encoder")
+
+
+def _prompt_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bool,
+                 max_positions: int | None) -> PromptPlan | None:
+    from raydistill.data.pipeline import tokenizer_fingerprint
+
+    spec = cfg.prompts
+    if spec is None:
+        return None
+    _decoder_only(encoder, "prompts")
+    train, val = _prompt_set(spec, "prompts", tok, max_positions)
+    pad = tok.pad_token_id
+    return PromptPlan(spec=spec, train=train, val_rows=build_sequences(val.prompts, val.responses, pad),
+                      train_rows=build_sequences(train.prompts, train.responses, pad)
+                      if spec.responses == "dataset" else None,
+                      tokenizer_fingerprint=tokenizer_fingerprint(tok))
+
+
+def _rouge_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bool,
+                max_positions: int | None) -> RougePlan | None:
+    spec = cfg.rouge
+    if spec is None:
+        return None
+    _decoder_only(encoder, "rouge")
+    if spec.data is not None:
+        data, where = spec.data, "rouge.data"
+    elif cfg.prompts is not None:
+        data, where = cfg.prompts, "prompts"
+    else:  # the built-in questions about the built-in corpus's world
+        data, where = PromptDataSpec(builtin={"seed": cfg.data.builtin.seed}), "rouge"
+    _, val = _prompt_set(data, where, tok, max_positions)
+    if spec.max_new_tokens is not None and max_positions is not None and \
+            data.max_prompt_tokens + spec.max_new_tokens > max_positions:
+        raise ConfigError(f"rouge.max_new_tokens {spec.max_new_tokens}: prompts of up to {data.max_prompt_tokens} "
+                          f"tokens plus the response exceed the models' {max_positions} positions")
+    return RougePlan(spec=spec, prompts=val.subset(spec.num_prompts),
+                     max_new_tokens=spec.max_new_tokens or data.max_response_tokens)

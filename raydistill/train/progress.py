@@ -11,6 +11,12 @@ from pathlib import Path
 HEADLINE = ("loss", "task", "kd", "cosine", "iit", "td")
 
 
+def _headline(key: str) -> bool:
+    """Main loss terms, also those of a second data stream (``lm/task``), not objectives' sub-logs."""
+    head, _, tail = key.partition("/")
+    return key in HEADLINE or (tail in HEADLINE and head not in HEADLINE and not key.startswith("val/"))
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
 
@@ -32,9 +38,9 @@ class ProgressPrinter:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = timedelta(seconds=int(elapsed / max(done, 1) * (self.max_steps - step)))
-        terms = " ".join(f"{k} {_fmt(metrics[k])}" for k in HEADLINE if k in metrics)
+        terms = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if _headline(k))
         extra = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k.startswith("val/") and k.count("/") == 1
-                         and k[4:] in ("loss", "ppl"))
+                         and k[4:] in ("loss", "ppl", "rougeL"))
         print(f"[raydistill] step {step}/{self.max_steps} | {terms} | lr {metrics['lr']:.2e} | "
               f"{metrics['tokens_per_s']:.0f} tok/s | {elapsed / max(done, 1):.2f} s/step | ETA {eta}"
               + (f" | {extra}" if extra else ""), flush=True)

@@ -33,30 +33,46 @@ class DistillModule(nn.Module):
     """What DeepSpeed trains: the student and the objectives' own parameters (projections).
 
     The teacher is passed to ``forward`` rather than registered, so it never reaches the optimizer and
-    can be sharded independently."""
+    can be sharded independently.
+
+    ``streams`` (name -> objectives) are extra data streams: ``forward(..., streams={name: batch})`` runs
+    each stream's batch through the same student/teacher passes with that stream's objectives and adds
+    its weighted loss to the main one (one backward for all); its terms are logged as ``name/term``."""
 
     def __init__(self, student: nn.Module, objectives: dict[str, Objective], info: ModelInfo,
-                 block_paths: tuple[str | None, str | None] = (None, None), teacher_inference_mode: bool = True):
+                 block_paths: tuple[str | None, str | None] = (None, None), teacher_inference_mode: bool = True,
+                 streams: dict[str, dict[str, Objective]] | None = None):
         super().__init__()
         self.student = student
         self.objectives = nn.ModuleDict(objectives)
+        self.streams = nn.ModuleDict({name: nn.ModuleDict(objs) for name, objs in (streams or {}).items()})
         self.info = info
         self.student_block_path, self.teacher_block_path = block_paths
         # inference_mode is cheaper than no_grad, but ZeRO-3's parameter gathering writes to parameters
         # inside forward, which inference mode forbids: sharded teachers use no_grad.
         self.teacher_inference_mode = teacher_inference_mode
-        self.needs = Needs()
-        for obj in objectives.values():
-            self.needs = self.needs | obj.needs()
+        self.needs = _needs(self.objectives)
+        self.stream_needs = {name: _needs(objs) for name, objs in self.streams.items()}
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: nn.Module | None = None,
-                extras: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        student_out = run_model(self.student, batch, self.needs.student_layers, self.student_block_path)
+                extras: dict | None = None, streams: dict[str, dict[str, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, logs = self._run(batch, self.objectives, self.needs, teacher, extras)
+        for name, stream_batch in (streams or {}).items():
+            loss, terms = self._run(stream_batch, self.streams[name], self.stream_needs[name], teacher, extras)
+            total = total + loss
+            logs.update({f"{name}/{k}": v for k, v in terms.items()})
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def _run(self, batch: dict[str, torch.Tensor], objectives: nn.ModuleDict, needs: Needs,
+             teacher: nn.Module | None, extras: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path)
         teacher_out = None
-        if self.needs.teacher:
+        if needs.teacher:
             if teacher is None:
                 raise RuntimeError("an active objective needs the teacher, but none was given")
-            teacher_out = run_teacher(teacher, batch, self.needs.teacher_layers, self.teacher_block_path,
+            teacher_out = run_teacher(teacher, batch, needs.teacher_layers, self.teacher_block_path,
                                       self.teacher_inference_mode)
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
@@ -64,9 +80,16 @@ class DistillModule(nn.Module):
                             "teacher_block_path": self.teacher_block_path, **(extras or {})})
         logs: dict[str, torch.Tensor] = {}
         total = student_out.logits.new_zeros((), dtype=torch.float32)
-        for name, objective in self.objectives.items():
+        for name, objective in objectives.items():
             terms = objective(step)
             total = total + objective.settings.weight * terms[name]
             logs.update({k: v.detach().float() for k, v in terms.items()})
         logs["loss"] = total.detach()
         return total, logs
+
+
+def _needs(objectives) -> Needs:
+    needs = Needs()
+    for obj in objectives.values():
+        needs = needs | obj.needs()
+    return needs

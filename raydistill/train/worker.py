@@ -1,7 +1,13 @@
 """The per-worker training function that Ray Train runs: setup, step loop, evaluation, checkpoint, export.
 
 Every rank runs this same function; rank 0 additionally prints progress, appends ``metrics.jsonl`` and
-writes the exported student."""
+writes the exported student.
+
+Data regimes of the main stream: corpus blocks (teacher-forced text), or prompt + response rows (with
+``prompts``) whose responses are the dataset's references or the teacher's samples, generated here once
+and cached (``generation.jsonl`` in the output directory records each generation or cache hit); with
+``prompts.on_policy.probability`` (lambda) a micro-batch's responses are resampled from the student.
+Extra streams (``streams``) add their own batches and objectives to every micro-step."""
 
 from __future__ import annotations
 
@@ -11,13 +17,18 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from raydistill.data.blocks import BatchSampler
+from raydistill.data.prompts import ResponseSampler, Sequences, batch_prompts, build_sequences, rows_to_batch
+from raydistill.generation import (GenerationCache, generate_responses, generation_key, model_identity,
+                                   on_policy_draw, padded_shard)
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
 from raydistill.objectives import build_objectives
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
@@ -58,6 +69,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.is_main = self.rank == 0
         self.output_dir = Path(plan.output_dir)
+        self._teacher_rouge: float | None = None
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
@@ -76,9 +88,10 @@ class Worker:
             teacher.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
 
         objectives = build_objectives(plan.objectives, plan.info)
+        streams = {name: build_objectives(stream.objectives, plan.info) for name, stream in plan.streams.items()}
         sharded_teacher = teacher is not None and cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.shard_teacher
         module = DistillModule(student, objectives, plan.info, plan.block_paths,
-                               teacher_inference_mode=not sharded_teacher)
+                               teacher_inference_mode=not sharded_teacher, streams=streams)
         ds_cfg = deepspeed_config(cfg, self.world)
         t = cfg.train
         optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
@@ -96,11 +109,113 @@ class Worker:
                 teacher = teacher.to(self.device)
         self.teacher = teacher
 
-        blocks = plan.fetch_blocks()
         common = dict(batch_size=t.batch_size, rank=self.rank, world_size=self.world, seed=t.seed,
                       mlm_probability=cfg.data.mlm_probability)
-        self.train_data = BatchSampler(blocks[0], plan.token_info, grad_accum=t.grad_accum, **common)
-        self.val_data = BatchSampler(blocks[1], plan.token_info, grad_accum=1, **common)
+        if plan.prompts is None:  # corpus text, teacher-forced
+            blocks = plan.fetch_blocks()
+            self.train_data = BatchSampler(blocks[0], plan.token_info, grad_accum=t.grad_accum, **common)
+            self.val_data = BatchSampler(blocks[1], plan.token_info, grad_accum=1, **common)
+        else:  # prompt + response rows; validation uses the held-out prompts' reference responses
+            rows = plan.prompts.train_rows if plan.prompts.train_rows is not None else self.teacher_rows()
+            self.train_data = ResponseSampler(rows, plan.token_info, grad_accum=t.grad_accum, **common)
+            self.val_data = ResponseSampler(plan.prompts.val_rows, plan.token_info, grad_accum=1, **common)
+        # Each stream shuffles with its own seed: a stream over the main corpus does not mirror its batches.
+        self.stream_data: dict[str, tuple[BatchSampler, BatchSampler]] = {}
+        for name, stream in plan.streams.items():
+            kw = dict(common, batch_size=stream.batch_size, mlm_probability=stream.mlm_probability,
+                      seed=_step_seed(t.seed, zlib.crc32(name.encode())))
+            self.stream_data[name] = (BatchSampler(stream.blocks[0], plan.token_info, grad_accum=t.grad_accum, **kw),
+                                      BatchSampler(stream.blocks[1], plan.token_info, grad_accum=1, **kw))
+
+    # ------------------------------------------------------------------------------------------- generation
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _generation_event(self, event: dict) -> None:
+        if not self.is_main:
+            return
+        print(f"[raydistill] teacher samples: {event['event']} ({event['responses']} responses) {event['path']}",
+              flush=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "generation.jsonl", "a") as f:
+            f.write(json.dumps({**event, "time": time.time()}) + "\n")
+
+    def teacher_rows(self) -> Sequences:
+        """Regime (b): the teacher's ``num_samples`` responses to every training prompt, from the cache or
+        generated now (each rank its shard, gathered everywhere, written once by rank 0)."""
+        plan, cfg = self.plan, self.cfg
+        prompts, spec = plan.prompts, plan.prompts.spec
+        gen = spec.generation
+        kwargs = gen.generate_kwargs(spec.max_response_tokens)
+        identity = model_identity(plan.teacher_source, plan.teacher_revision, plan.teacher_config.to_json_string(),
+                                  cfg.train.seed, cfg.train.precision)
+        key = generation_key(identity, prompts.train.digest(), prompts.tokenizer_fingerprint,
+                             {**kwargs, "num_samples": gen.num_samples, "seed": gen.seed})
+        cache = GenerationCache(cfg.cache_dir)
+        start = time.perf_counter()
+        expected = len(prompts.train) * gen.num_samples
+        cached = None
+        if self.is_main and cache.exists(key):
+            cached = cache.load(key)
+            if len(cached) != expected:  # not what this key promises (a damaged file): generate again
+                print(f"[raydistill] ignoring {cache.path(key)}: {len(cached)} responses, expected {expected}",
+                      flush=True)
+                cached = None
+        # Rank 0 decides and shares: every rank takes the same branch, even without a shared cache_dir.
+        cached = self._broadcast(cached)
+        if cached is not None:
+            responses = cached
+            event = "cache_hit"
+        else:
+            mine, real = padded_shard(prompts.train.prompts, self.rank, self.world)
+            tok = plan.tokenizer
+            out = generate_responses(self.teacher, mine, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                                     generate_kwargs=kwargs, num_samples=gen.num_samples, batch_size=gen.batch_size,
+                                     seed=_step_seed(gen.seed, self.rank), device=self.device)
+            out = out[:real * gen.num_samples]
+            parts = [None] * self.world
+            if self.world > 1:
+                dist.all_gather_object(parts, out)
+            else:
+                parts = [out]
+            responses = [r for part in parts for r in part]
+            if self.is_main:
+                cache.save(key, responses, {"teacher": identity, "prompts": len(prompts.train),
+                                            "prompt_digest": prompts.train.digest(), "settings": kwargs,
+                                            "num_samples": gen.num_samples, "seed": gen.seed})
+            if self.world > 1:
+                dist.barrier()
+            event = "generated"
+        self._generation_event({"event": event, "key": key, "path": str(cache.path(key)),
+                                "prompts": len(prompts.train), "responses": len(responses),
+                                "seconds": round(time.perf_counter() - start, 3)})
+        repeated = [p for p in prompts.train.prompts for _ in range(gen.num_samples)]
+        return build_sequences(repeated, responses, plan.tokenizer.pad_token_id, length=prompts.length)
+
+    def on_policy(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> dict[str, torch.Tensor] | None:
+        """Regime (c): with probability lambda, the batch's prompts answered by the current student.
+
+        The draw depends on (seed, step, micro) only, so every rank takes the same branch (ZeRO-3's
+        generate runs collectives in lockstep) and a resumed run replays it."""
+        if self.plan.prompts is None:
+            return None
+        spec = self.plan.prompts.spec
+        if not on_policy_draw(self.cfg.train.seed, step, micro, spec.on_policy.probability):
+            return None
+        tok = self.plan.tokenizer
+        prompts = batch_prompts(batch)
+        responses = generate_responses(
+            self.engine.module.student, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+            generate_kwargs=spec.on_policy.generate_kwargs(spec.max_response_tokens), batch_size=len(prompts),
+            seed=_step_seed(self.cfg.train.seed, step, micro, self.rank, 1), device=self.device)
+        rows = build_sequences(prompts, responses, tok.pad_token_id)
+        return rows_to_batch(*(torch.from_numpy(a.astype(np.int64)) for a in (rows.ids, rows.lengths,
+                                                                              rows.prompt_lengths)))
 
     def resume(self) -> int:
         """Load the latest checkpoint Ray Train hands back (after a failure or a rerun); return its step."""
@@ -124,12 +239,17 @@ class Worker:
         for micro in range(t.grad_accum):
             # Dropout and objective randomness are a function of the step: resumes replay exactly.
             seed = _step_seed(t.seed, step, micro, self.rank)
+            batch = self.train_data.batch(step, micro)
+            student_batch = self.on_policy(batch, step, micro)
+            batch = _to(batch if student_batch is None else student_batch, self.device)
+            streams = {name: _to(data[0].batch(step, micro), self.device) for name, data in self.stream_data.items()}
             torch.manual_seed(seed)
-            batch = _to(self.train_data.batch(step, micro), self.device)
-            loss, logs = self.engine(batch, self.teacher, {"seed": seed, "step": step})
+            loss, logs = self.engine(batch, self.teacher, {"seed": seed, "step": step}, streams=streams)
             self.engine.backward(loss)
             self.engine.step()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum()) for b in streams.values())
+            if self.plan.prompts is not None and self.plan.prompts.spec.on_policy.probability > 0:
+                logs["on_policy"] = torch.tensor(float(student_batch is not None))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
         means = {k: v / t.grad_accum for k, v in sums.items()}
@@ -154,9 +274,14 @@ class Worker:
         n = 0
         batches = [_to(b, self.device)
                    for b in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed)]
+        stream_batches = {name: [_to(b, self.device) for b in data[1].eval_batches(self.cfg.train.eval_batches,
+                                                                                   seed=self.cfg.train.seed)]
+                          for name, data in self.stream_data.items()}
         for batch in batches:
             torch.manual_seed(_step_seed(self.cfg.train.seed, n))
-            _, logs = self.engine(batch, self.teacher, {"seed": _step_seed(self.cfg.train.seed, n), "step": 0})
+            streams = {name: sb[n % len(sb)] for name, sb in stream_batches.items()}
+            _, logs = self.engine(batch, self.teacher, {"seed": _step_seed(self.cfg.train.seed, n), "step": 0},
+                                  streams=streams)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -174,6 +299,7 @@ class Worker:
         out["val/ce"] = ce
         out["val/ppl"] = math.exp(min(ce, 50.0))
         out.update(self.evaluate_iia(batches))
+        out.update(self.evaluate_rouge())
         return out
 
     def evaluate_iia(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -198,6 +324,36 @@ class Worker:
             dist.all_reduce(vec)
         total = max(vec[-1].item(), 1.0)
         return {f"val/{k}": vec[i].item() / total for i, k in enumerate(keys)}
+
+    def evaluate_rouge(self) -> dict[str, float]:
+        """``val/rougeL``: 100 x mean ROUGE-L F of the student's responses to held-out prompts against their
+        references, over prompts (sharded across ranks, pooled) and seeds (greedy decoding runs once);
+        ``val/rougeL_teacher`` the same for the teacher, computed at the first evaluation."""
+        rp = self.plan.rouge
+        if rp is None:
+            return {}
+        out = {"val/rougeL": self._rouge(self.engine.module.student)}
+        if rp.spec.teacher and self.teacher is not None:
+            if self._teacher_rouge is None:  # the teacher does not change: score it once
+                self._teacher_rouge = self._rouge(self.teacher)
+            out["val/rougeL_teacher"] = self._teacher_rouge
+        return out
+
+    def _rouge(self, model: torch.nn.Module) -> float:
+        from raydistill.eval.rouge import model_rouge_l
+
+        rp = self.plan.rouge
+        prompts, real = padded_shard(rp.prompts.prompts, self.rank, self.world)
+        refs, _ = padded_shard(rp.prompts.references, self.rank, self.world)
+        seeds = rp.spec.seeds if rp.spec.do_sample else rp.spec.seeds[:1]
+        score, count = model_rouge_l(
+            model, self.plan.tokenizer, prompts, refs, generate_kwargs=rp.spec.generate_kwargs(rp.max_new_tokens),
+            batch_size=rp.spec.batch_size, seeds=[_step_seed(seed, self.rank) for seed in seeds], device=self.device,
+            count=real)
+        totals = torch.tensor([score, count], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        return 100.0 * totals[0].item() / max(totals[1].item(), 1.0)
 
     def checkpoint_and_report(self, step: int, metrics: dict) -> None:
         import ray.train
