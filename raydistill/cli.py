@@ -150,6 +150,17 @@ def bench_td(as_json: bool = typer.Option(False, "--json", help="print one JSON 
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench_app.command("sweep")
+def bench_sweep(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                trials: int = typer.Option(4), steps: int = typer.Option(30, help="training steps per trial"),
+                concurrency: Optional[int] = typer.Option(None, help="max concurrent trials (default: what fits)")):
+    """A sweep of N tiny trials vs the same trials run back to back with raydistill train; CPU utilisation."""
+    from raydistill.bench.sweep import bench_sweep as run_bench
+
+    result = run_bench(trials=trials, steps=steps, concurrency=concurrency)
+    typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
 def main() -> None:
     try:
         app()
