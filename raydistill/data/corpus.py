@@ -13,6 +13,22 @@ from raydistill.errors import ConfigError
 TEXT_SUFFIXES = {".txt", ".tokens", ".raw", ".text", ""}
 
 
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a bad line is a ConfigError naming file and line."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
 def _read_file(path: str, field: str) -> list[str]:
     p = Path(path)
     suffix = p.suffix.lower()
@@ -21,13 +37,7 @@ def _read_file(path: str, field: str) -> list[str]:
         return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, row in read_jsonl(p):
             if field not in row:
                 raise ConfigError(f"{path}:{n}: no field {field!r} (set data.text_field; found {sorted(row)})")
             out.append(str(row[field]))

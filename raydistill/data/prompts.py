@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raydistill.config import PromptDataSpec, template_fields
 from raydistill.data.blocks import BatchSampler, TokenInfo
-from raydistill.data.corpus import hold_out
+from raydistill.data.corpus import hold_out, read_jsonl
 from raydistill.data.masking import IGNORE
 from raydistill.errors import ConfigError
 
@@ -78,18 +78,7 @@ def read_prompt_rows(path: str) -> list[dict]:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ConfigError(f"{path}: a .json prompt file must hold a list of objects")
         return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(p)]
 
 
 def to_examples(rows: list[dict], spec: PromptDataSpec, where: str, origin: str) -> list[PromptExample]:
