@@ -206,3 +206,19 @@ def test_shipped_sweep_files_are_valid(path, tmp_path, monkeypatch):
     for dim in sweep.dims:
         for name in dim.names:
             sweep.trial_config(trial_values([dim], {dim.path: name}), str(tmp_path / "t"), "t")
+
+
+def test_optuna_search_samples_named_choices_as_scalars(tmp_path):
+    pytest.importorskip("optuna", reason="optuna is an optional extra: pip install 'raydistill[optuna]'")
+    from raydistill.sweep.runner import _search_alg
+
+    sweep = load(tmp_path, search={"algorithm": "optuna", "seed": 3}, metric="val/loss",
+                 space={"train.lr": {"loguniform": [1e-4, 1e-2]},
+                        "objectives": {"choice": {"kd": {"task": {"weight": 1}, "kd": {"weight": 1}},
+                                                  "task": {"task": {"weight": 1}}}}})
+    searcher = _search_alg(sweep, concurrency=1)
+    assert searcher.set_search_properties("val/loss", "min", param_space(sweep.dims))
+    point = searcher.suggest("trial-1")
+    assert 1e-4 <= point["train.lr"] <= 1e-2 and point["objectives"] in ("kd", "task")
+    cfg = sweep.trial_config(trial_values(sweep.dims, point), str(tmp_path / "t"), "t")
+    assert "task" in cfg.active_objectives()
