@@ -100,8 +100,10 @@ def results(path: str = typer.Argument(..., help="sweep directory (STORAGE_PATH/
     frame = read_table(path)
     if as_json:
         board = leaderboard(frame, spec.spec.metric, spec.spec.mode)
-        typer.echo(board.head(top).to_json(orient="records", indent=2) if top else board.to_json(orient="records",
-                                                                                                   indent=2))
+        board = board.head(top) if top else board
+        records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}  # NaN -> null
+                   for row in board.to_dict("records")]
+        typer.echo(json.dumps(records, indent=2, default=str))
     else:
         typer.echo(format_leaderboard(frame, spec, limit=top))
 

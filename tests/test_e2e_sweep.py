@@ -111,3 +111,7 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
     board = subprocess.run([sys.executable, "-m", "raydistill.cli", "results", str(directory)], capture_output=True,
                            text=True, timeout=120)
     assert board.returncode == 0 and board.stdout.splitlines()[3].split()[2] == "finished", board.stdout
+    records = json.loads(subprocess.run([sys.executable, "-m", "raydistill.cli", "results", str(directory), "--json"],
+                                        capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert [r["status"] for r in records][-1] == "failed" and len(records) == 3
+    assert records[0]["bench/builtin-ppl/perplexity"] <= records[1]["bench/builtin-ppl/perplexity"]
