@@ -20,13 +20,14 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from raydistill.models.adapters import eval_mode
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -51,16 +52,6 @@ def cut_at_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     """Tokens up to and including the first EOS (generate pads finished rows after it)."""
     hits = np.flatnonzero(tokens == eos_id)
     return tokens[:hits[0] + 1] if len(hits) else tokens
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -15,30 +15,17 @@ pool ranks with the returned ``iia/predictions`` counts.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from raydistill.alignment import AlignmentPair, LayerPair, resolve_alignment
+from raydistill.models.adapters import eval_mode
 from raydistill.interventions import (blocks_of, counterfactual, model_inputs, plan_generator, read, sample_plan,
                                       source_states)
 
 _SALT = 0x11A
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    # Dropout would make agreement noisy; the callers' training flags are restored afterwards.
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def prediction_mask(batch: Mapping[str, torch.Tensor], span_start: torch.Tensor, is_encoder: bool) -> torch.Tensor:
@@ -75,7 +62,8 @@ def interchange_agreement(student: nn.Module, teacher: nn.Module, batches: Itera
     s_layers = sorted({p.student for p in pairs})
     agree = {p: 0 for p in pairs}
     total = 0
-    with _eval_mode(student, teacher):
+    # Dropout would make agreement noisy.
+    with eval_mode(student, teacher):
         for n, batch in enumerate(batches):
             gen = plan_generator(seed * 1_000_003 + n, _SALT)
             plan = sample_plan(batch["attention_mask"], batch.get("special_tokens_mask"), gen,

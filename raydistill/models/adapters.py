@@ -6,6 +6,9 @@ other architecture works by naming its block list (``block_path``, e.g. ``model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -115,3 +118,16 @@ class capture_block_outputs:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Models in eval mode (no dropout) inside the block; each one's training flag restored afterwards."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)

@@ -27,11 +27,8 @@ class SweepMonitor(_TuneCallback):
         self._last_print = 0.0
         self._last_table = ""
 
-    def _rows(self, trials) -> list[dict[str, Any]]:
-        return [R.trial_row(self.sweep, t) for t in trials]
-
     def _update(self, trials, force_print: bool = False) -> None:
-        rows = self._rows(trials)
+        rows = [R.trial_row(self.sweep, t) for t in trials]
         if self.sweep.is_local:
             R.write_table(self.directory, rows)
         now = time.monotonic()
@@ -49,7 +46,7 @@ class SweepMonitor(_TuneCallback):
         cols = ["trial", "status", "step"] + [c for c in frame.columns if c.startswith("config/")]
         cols += [c for c in (metric, "loss") if c in frame.columns and c not in cols]
         counts = frame["status"].value_counts().to_dict()
-        title = f"[raydistill] trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        title = "[raydistill] trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         table = R.render(frame, [c for c in cols if c in frame.columns], title=title)
         if table != self._last_table:
             print(table, flush=True)
@@ -147,7 +144,6 @@ def _grid_space(sweep: Sweep) -> dict:
 
 def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; return where its outputs are and the best trial."""
-    import ray
     from ray import tune
 
     from raydistill.train.launcher import init_ray, with_teacher

@@ -174,7 +174,11 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
     objectives = cfg.active_objectives()
     build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
     max_positions = min((n for n in (_max_positions(teacher_cfg), _max_positions(student_cfg)) if n), default=None)
-    prompts = _prompt_plan(cfg, tok, encoder, max_positions)
+    prompt_sets = None
+    if cfg.prompts is not None:
+        _decoder_only(encoder, "prompts")
+        prompt_sets = _prompt_set(cfg.prompts, "prompts", tok, max_positions)
+    prompts = _prompt_plan(cfg, tok, prompt_sets)
     streams = {}
     for name, stream in cfg.streams.items():
         settings = cfg.stream_objectives(name)
@@ -186,7 +190,7 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
             raise ConfigError(f"streams.{name}.data: the corpus produced no training or validation blocks")
         streams[name] = StreamPlan(settings, stream_blocks, stream.batch_size or cfg.train.batch_size,
                                    data.mlm_probability)
-    rouge = _rouge_plan(cfg, tok, encoder, max_positions)
+    rouge = _rouge_plan(cfg, tok, encoder, max_positions, prompt_sets)
     init_layers = None
     if cfg.student.init == "teacher":
         init_layers = teacher_layer_map(cfg.student.init_layers, info.teacher_layers, info.student_layers)
@@ -218,15 +222,14 @@ def _decoder_only(encoder: bool, where: str) -> None:
                           "teacher is an encoder")
 
 
-def _prompt_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bool,
-                 max_positions: int | None) -> PromptPlan | None:
+def _prompt_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase,
+                 sets: tuple[PromptSet, PromptSet] | None) -> PromptPlan | None:
     from raydistill.data.pipeline import tokenizer_fingerprint
 
     spec = cfg.prompts
     if spec is None:
         return None
-    _decoder_only(encoder, "prompts")
-    train, val = _prompt_set(spec, "prompts", tok, max_positions)
+    train, val = sets
     pad = tok.pad_token_id
     return PromptPlan(spec=spec, train=train, val_rows=build_sequences(val.prompts, val.responses, pad),
                       train_rows=build_sequences(train.prompts, train.responses, pad)
@@ -234,8 +237,8 @@ def _prompt_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: b
                       tokenizer_fingerprint=tokenizer_fingerprint(tok))
 
 
-def _rouge_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bool,
-                max_positions: int | None) -> RougePlan | None:
+def _rouge_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bool, max_positions: int | None,
+                prompt_sets: tuple[PromptSet, PromptSet] | None) -> RougePlan | None:
     spec = cfg.rouge
     if spec is None:
         return None
@@ -246,7 +249,8 @@ def _rouge_plan(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase, encoder: bo
         data, where = cfg.prompts, "prompts"
     else:  # the built-in questions about the built-in corpus's world
         data, where = PromptDataSpec(builtin={"seed": cfg.data.builtin.seed}), "rouge"
-    _, val = _prompt_set(data, where, tok, max_positions)
+    # Scoring the prompts section's held-out split: reuse the set already loaded and tokenized.
+    _, val = prompt_sets if data is cfg.prompts else _prompt_set(data, where, tok, max_positions)
     if spec.max_new_tokens is not None and max_positions is not None and \
             data.max_prompt_tokens + spec.max_new_tokens > max_positions:
         raise ConfigError(f"rouge.max_new_tokens {spec.max_new_tokens}: prompts of up to {data.max_prompt_tokens} "

@@ -29,6 +29,7 @@ from raydistill.data.blocks import BatchSampler
 from raydistill.data.prompts import ResponseSampler, Sequences, batch_prompts, build_sequences, rows_to_batch
 from raydistill.generation import (GenerationCache, generate_responses, generation_key, model_identity,
                                    on_policy_draw, padded_shard)
+from raydistill.models.adapters import eval_mode
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
 from raydistill.objectives import build_objectives
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
@@ -266,8 +267,14 @@ class Worker:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation: every objective's term, the weighted loss, and the student's (masked-LM) perplexity."""
+        with eval_mode(self.engine.module):
+            out, batches = self._validation_losses()
+        out.update(self.evaluate_iia(batches))
+        out.update(self.evaluate_rouge())
+        return out
+
+    def _validation_losses(self) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
         module = self.engine.module
-        module.eval()
         sums: dict[str, torch.Tensor] = {}
         ce_sum = torch.zeros((), device=self.device)
         ce_count = torch.zeros((), device=self.device)
@@ -290,7 +297,6 @@ class Worker:
                                                         ignore_index=-100, reduction="sum")
             ce_count += (labels != -100).sum()
             n += 1
-        module.train()
         out = self._all_reduce_mean({f"val/{k}": v / max(n, 1) for k, v in sums.items()})
         totals = torch.stack([ce_sum, ce_count.float()])
         if self.world > 1:
@@ -298,9 +304,7 @@ class Worker:
         ce = (totals[0] / totals[1].clamp_min(1)).item()
         out["val/ce"] = ce
         out["val/ppl"] = math.exp(min(ce, 50.0))
-        out.update(self.evaluate_iia(batches))
-        out.update(self.evaluate_rouge())
-        return out
+        return out, batches
 
     def evaluate_iia(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Interchange-intervention agreement on validation pairs, whenever an IIT objective is configured
@@ -390,10 +394,8 @@ class Worker:
         batch = _to(next(self.val_data.eval_batches(1, seed=self.cfg.train.seed)), self.device)
         batch = {k: v[:2] for k, v in batch.items()}
         module = self.engine.module
-        module.eval()
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        module.train()
         return {"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
                 "logits": logits.float().cpu()}
 
