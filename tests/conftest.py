@@ -18,6 +18,19 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one end-to-end test module (real Ray Train + DeepSpeed workers)."""
+    import ray
+
+    from raydistill.config import load_config
+    from raydistill.train import launcher
+
+    launcher.init_ray(load_config(None, ["teacher.name=tiny-gpt2", "ray.dashboard=false"]))
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def cache_dir(tmp_path_factory):
     """One cache per test session: tokenizers, packed data and pretrained teachers are reused."""

@@ -16,16 +16,6 @@ TINY = ["data.builtin.num_documents=400", "data.block_size=32", "tokenizer.vocab
         "train.eval_batches=2", "scaling.num_workers=2", "ray.dashboard=false"]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    cfg = load_config(None, ["teacher.name=tiny-bert", *TINY])
-    launcher.init_ray(cfg)
-    yield
-    ray.shutdown()
-
-
 def config(tmp_path, cache_dir, *overrides):
     return load_config(None, [f"output_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}", *TINY, *overrides])
 

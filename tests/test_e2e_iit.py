@@ -8,7 +8,7 @@ import pytest
 from raydistill.config import load_config
 from raydistill.train import launcher
 
-from test_e2e import TINY, ray_cluster  # noqa: F401  (module-scoped Ray fixture)
+from test_e2e import TINY
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ def iit_losses(rows):
     return [r["iit"] for r in rows]
 
 
-def test_iit_loss_falls_and_iia_beats_standard_distillation_gpt2(ray_cluster, tmp_path, cache_dir):  # noqa: F811
+def test_iit_loss_falls_and_iia_beats_standard_distillation_gpt2(ray_cluster, tmp_path, cache_dir):
     with_iit = run(tmp_path, cache_dir, "iit", "tiny-gpt2", 1.0)
     without = run(tmp_path, cache_dir, "std", "tiny-gpt2", 0.0)  # iit configured at weight 0: IIA still measured
     losses = iit_losses(with_iit)
@@ -38,7 +38,7 @@ def test_iit_loss_falls_and_iia_beats_standard_distillation_gpt2(ray_cluster, tm
     assert iia_iit > iia_std, (iia_iit, iia_std)
 
 
-def test_iit_loss_falls_bert(ray_cluster, tmp_path, cache_dir):  # noqa: F811
+def test_iit_loss_falls_bert(ray_cluster, tmp_path, cache_dir):
     # A tiny BERT teacher is still on the MLM unigram plateau after a CPU-sized pretraining, so its
     # counterfactual predictions are the majority token and IIA is 1.0 for any student: here only the
     # loss is checked; the IIA comparison runs on the GPT-2 teacher above.

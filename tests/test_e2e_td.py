@@ -26,15 +26,6 @@ PROMPTS = "prompts={builtin: {num_examples: 120}, max_prompt_tokens: 24, max_res
 ROUGE = "rouge={num_prompts: 8, max_new_tokens: 12}"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    launcher.init_ray(load_config(None, TINY))
-    yield
-    ray.shutdown()
-
-
 def config(run_dir, cache_dir, *overrides):
     return load_config(None, [f"output_dir={run_dir}", f"cache_dir={cache_dir}", *TINY, *overrides])
 
