@@ -144,11 +144,13 @@ def bench_overhead(as_json: bool = typer.Option(False, "--json", help="print one
 def bench_td(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
              vocabs: str = typer.Option("32000,150000", help="comma-separated vocabulary sizes"),
              ks: str = typer.Option("8,64,512", help="comma-separated td top-k sizes"),
-             reps: int = typer.Option(3, help="timed repetitions per variant")):
+             reps: int = typer.Option(3, help="timed repetitions per variant"),
+             bf16: bool = typer.Option(False, "--bf16", help="also measure the objective rows in bfloat16")):
     """Peak memory and time of td (top-k) vs full-vocabulary kd: the objective alone and a whole step."""
     from raydistill.bench.td import bench_td as run_bench
 
-    result = run_bench(vocabs=[int(v) for v in vocabs.split(",")], ks=[int(k) for k in ks.split(",")], reps=reps)
+    result = run_bench(vocabs=[int(v) for v in vocabs.split(",")], ks=[int(k) for k in ks.split(",")], reps=reps,
+                       bf16=bf16)
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 

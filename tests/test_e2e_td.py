@@ -88,3 +88,20 @@ def test_regime_b_teacher_samples_cached_once_reused_after_crash(ray_cluster, tm
     last = rows[16]
     assert {"lm/task", "lm/kd", "lm/loss", "val/lm/task", "val/td", "val/rougeL"} <= last.keys()
     assert summary["final_metrics"]["step"] == 16
+
+
+def test_fused_head_under_zero3_trains_as_the_full_logits(ray_cluster, tmp_path, cache_dir):
+    """ZeRO-3 partitions the student's head (GPT-2's, tied to its input embedding; a persistence threshold of 0
+    so that even this tiny one is partitioned): the fused head gathers it in forward and backward, and
+    training follows the full-logits path step for step."""
+    tds = {}
+    for fused in (True, False):
+        run = tmp_path / f"fused_{fused}"
+        launcher.run(config(run, cache_dir, "deepspeed.zero_stage=3",
+                            "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0, "
+                            "stage3_max_reuse_distance: 0, stage3_prefetch_bucket_size: 0}}",
+                            "train.max_steps=8", "train.log_every=1",
+                            "train.eval_every=8", f"objectives.td.fused_head={str(fused).lower()}"))
+        tds[fused] = [metric_rows(run)[s]["td"] for s in range(1, 9)]
+    assert tds[True] == pytest.approx(tds[False], rel=1e-4), tds
+    assert tds[True][-1] < tds[True][0], tds

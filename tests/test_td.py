@@ -13,17 +13,26 @@ from raydistill.errors import ConfigError
 from raydistill.objectives import REGISTRY, build_objectives
 from raydistill.objectives.action_space import (ActionSet, ActionSpaceSettings, action_space, add_expert,
                                                 top_k_actions, top_p_actions)
-from raydistill.objectives.base import ForwardResult, ModelInfo, Step
+from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Step
 
 V = 11
 INFO = ModelInfo(is_encoder=False, vocab_size=V, student_layers=2, student_hidden=4, teacher_layers=4,
                  teacher_hidden=4)
 
 
+def identity_head(vocab, dtype=torch.float32):
+    head = torch.nn.Linear(vocab, vocab, bias=False, dtype=dtype)
+    head.weight.data.copy_(torch.eye(vocab))
+    return head.requires_grad_(False)
+
+
 def make_step(student, teacher, labels, info=INFO):
+    """The student's logits both as logits and as the input of an identity output head, so the fused-head
+    path (the default) and the gather-from-logits path see the same values and give ``student`` its gradient."""
     batch = {"attention_mask": torch.ones_like(labels), "labels": labels}
-    return Step(batch=batch, student=ForwardResult(student), teacher=ForwardResult(teacher), student_model=None,
-                teacher_model=None, info=info)
+    head = HeadInput(student, identity_head(student.size(-1), student.dtype))
+    return Step(batch=batch, student=ForwardResult(student, head=head), teacher=ForwardResult(teacher),
+                student_model=None, teacher_model=None, info=info)
 
 
 def td(info=INFO, **settings):
@@ -129,6 +138,7 @@ def dense_reference(student, teacher, labels, s):
     return -torch.stack(phi_terms).mean() + torch.stack(value_terms).mean()
 
 
+@pytest.mark.parametrize("fused_head", [True, False])
 @pytest.mark.parametrize("settings", [
     dict(action_space={"kind": "top_k", "k": 3}),
     dict(action_space={"kind": "top_k", "k": 3}, expert="skip", chunk_size=2),
@@ -137,12 +147,12 @@ def dense_reference(student, teacher, labels, s):
     dict(action_space={"kind": "top_k", "k": 4}, q_min=-1.0, temperature=2.0, chunk_size=1),
     dict(action_space={"kind": "top_p", "p": 0.5}, q_min=None, alpha=None, gamma=0.5),
 ])
-def test_gathered_equals_dense_reference(settings):
+def test_gathered_equals_dense_reference(settings, fused_head):
     student, teacher, labels = random_case(seed=3)
     s = REGISTRY["td"].Settings(**settings)
     a = student.clone().requires_grad_(True)
     b = student.clone().requires_grad_(True)
-    got = td(**settings)(make_step(a, teacher, labels))["td"]
+    got = td(**settings, fused_head=fused_head)(make_step(a, teacher, labels))["td"]
     want = dense_reference(b, teacher, labels, s)
     got.backward()
     want.backward()
@@ -158,10 +168,11 @@ def test_chunking_gives_identical_results():
             assert td_loss(student, teacher, labels, action_space=space, chunk_size=chunk).item() == whole.item()
 
 
-def test_bf16_logits_give_bf16_gradient():
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_bf16_logits_give_bf16_gradient(fused_head):
     student, teacher, labels = random_case(seed=6)
     a = student.bfloat16().requires_grad_(True)
-    td()(make_step(a, teacher.bfloat16(), labels))["td"].backward()
+    td(fused_head=fused_head)(make_step(a, teacher.bfloat16(), labels))["td"].backward()
     assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad.float()).all()
 
 
@@ -184,12 +195,88 @@ def test_forward_allocates_nothing_vocabulary_sized():
     B, T, vocab = 2, 8, 500
     student, teacher, labels = random_case(seed=7, B=B, T=T, vocab=vocab)
     info = ModelInfo(False, vocab, 2, 4, 4, 4)
-    for settings, bound in ((dict(action_space={"k": 8}), B * T * 9),
-                            (dict(action_space={"kind": "top_p", "max_k": 16}, chunk_size=2), B * 2 * vocab)):
-        obj = td(info, **settings)
+    for settings, bound in ((dict(action_space={"k": 8}, fused_head=False), B * T * 9),
+                            (dict(action_space={"kind": "top_p", "max_k": 16}, chunk_size=2, fused_head=False),
+                             B * 2 * vocab)):
+        obj, step = td(info, **settings), make_step(student.requires_grad_(True), teacher, labels, info)
         with _LargestOutput() as mode:
-            obj(make_step(student.requires_grad_(True), teacher, labels, info))
+            obj(step)
         assert mode.largest <= bound, settings
+
+
+def random_head(vocab, width, bias, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(width, vocab, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=g))
+    return head
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_columns_equal_gathered_logits_values_and_gradients(bias, monkeypatch):
+    """The fused head gives the same columns as gathering from ``head(h)``, and the same gradients for h, the
+    weight and the bias, also when it works a few positions at a time and when tokens repeat across them."""
+    from raydistill.objectives import head_columns as hc
+
+    monkeypatch.setattr(hc, "_CHUNK_ELEMENTS", 40)  # chunks of a few positions
+    B, T, vocab, width, K = 2, 5, 30, 4, 6
+    head = random_head(vocab, width, bias)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, T, width, generator=g, requires_grad=True)
+    index = torch.randint(vocab, (B, T, K), generator=g)
+    index[..., -1] = index[..., 0]  # a token twice in one row, as the expert column duplicates A(s)
+    upstream = torch.randn(B, T, K, generator=g)
+
+    got = hc.head_columns(HeadInput(hidden, head), index)
+    (got * upstream).sum().backward()
+    got_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    want = head(hidden).gather(-1, index)
+    (want * upstream).sum().backward()
+    want_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_head_creates_nothing_vocabulary_sized_forward_or_backward():
+    """With the fused head, neither pass creates a tensor of B x T x V elements: the largest is the head's
+    own V x H gradient (H < B x T here) or a chunk's gathered head rows."""
+    B, T, vocab, width, k = 2, 8, 500, 4, 8
+    head = random_head(vocab, width, bias=True)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(B, T, width, generator=g, requires_grad=True)
+    _, teacher, labels = random_case(seed=7, B=B, T=T, vocab=vocab)
+    info = ModelInfo(False, vocab, 2, width, 4, width)
+    step = Step(batch={"attention_mask": torch.ones_like(labels), "labels": labels},
+                student=ForwardResult(None, head=HeadInput(hidden, head)), teacher=ForwardResult(teacher),
+                student_model=None, teacher_model=None, info=info)
+    obj = td(info, action_space={"k": k})
+    assert obj.needs().student_head and not obj.needs().student_logits
+    with _LargestOutput() as mode:
+        obj(step)["td"].backward()
+    assert mode.largest <= max(vocab * width, B * T * (k + 1) * width) < B * T * vocab
+    assert hidden.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_fused_head_refused_where_logits_are_transformed_after_the_head():
+    from transformers import GPT2Config
+
+    from raydistill.models.loading import logit_transform
+
+    cfg = GPT2Config(n_layer=1)
+    assert logit_transform(cfg) is None
+    cfg.final_logit_softcapping = 30.0
+    assert logit_transform(cfg) == "final_logit_softcapping"
+    info = ModelInfo(False, V, 2, 4, 4, 4, student_logit_transform="final_logit_softcapping")
+    with pytest.raises(ConfigError, match=r"objectives\.td\.fused_head: .*final_logit_softcapping.*fused_head=false"):
+        td(info)
+    assert td(info, fused_head=False).needs().student_logits
 
 
 # ------------------------------------------------------------------------------------------- action sets
@@ -334,5 +421,57 @@ def test_bench_td_smoke():
     for key in ("memory_ratio", "memory_ratio_dtype", "step_ratio", "dtype", "device", "rows", "memory_ratios"):
         assert key in r
     assert r["memory_ratio"] > 0 and r["step_ratio"] > 0 and r["memory_ratio_dtype"] == "float32"
-    assert {(row["what"], row["objective"]) for row in r["rows"]} == {("objective", "kd"), ("objective", "td"),
+    assert {(row["what"], row["objective"]) for row in r["rows"]} == {("objective", "kd"), ("objective", "td"), ("objective", "td-logits"),
                                                                       ("step", "kd"), ("step", "td")}
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_training_step_with_fused_head_matches_full_logits(preset):
+    """Through the training step on a real model (GPT-2's head is tied to its input embedding): the fused head
+    skips the student's B x T x V logits yet gives the same loss and the same gradient for every parameter."""
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.data.masking import next_token_labels
+    from raydistill.models.presets import preset_config
+    from raydistill.train.step import DistillModule
+
+    vocab, special = 97, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(preset_config(preset, vocab, special)).eval()
+    student = AutoModelForCausalLM.from_config(preset_config(preset, vocab, special, {"n_layer": 2}
+                                                             if preset == "tiny-gpt2" else {"num_hidden_layers": 2}))
+    student.eval()  # no dropout: the two passes must see the same network
+    ids = torch.randint(3, vocab, (2, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": attn, "labels": next_token_labels(ids, attn)}
+    info = ModelInfo(False, vocab, 2, 64, 4, 64)
+    results = []
+    for fused in (True, False):
+        objectives = build_objectives({"td": REGISTRY["td"].Settings(action_space={"k": 5}, fused_head=fused)}, info)
+        module = DistillModule(student, objectives, info)
+        student.zero_grad(set_to_none=True)
+        loss, logs = module(batch, teacher)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (fused_loss, fused_grads), (full_loss, full_grads) = results
+    torch.testing.assert_close(fused_loss, full_loss, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fused_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_student_logits_are_skipped_when_no_objective_reads_them():
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.models.presets import preset_config
+    from raydistill.train.step import run_model
+
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    model = AutoModelForCausalLM.from_config(preset_config("tiny-gpt2", 50, special)).eval()
+    batch = {"input_ids": torch.randint(50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    out = run_model(model, batch, set(), None, logits=False, head=True)
+    assert out.logits is None and out.head.hidden.shape == (2, 7, 64)
+    full = run_model(model, batch, set(), None)
+    torch.testing.assert_close(out.head.module(out.head.hidden), full.logits)
+    assert not model.lm_head._forward_pre_hooks  # the capture hook is gone

@@ -1,15 +1,17 @@
 """``raydistill bench td``: peak memory and time of the ``td`` objective against full-vocabulary ``kd``.
 
-Two kinds of rows, side by side in one invocation, for each vocabulary size (32k, 150k) and dtype:
+Two kinds of rows, side by side in one invocation, for each vocabulary size (32k, 150k):
 
-- ``objective``: forward + backward of the objective alone on the same random B x T x V student logits
-  (requires_grad) and teacher logits, for ``kd`` (default settings) and ``td`` with top-k action sets,
-  k in {8, 64, 512} (other settings default);
+- ``objective``: forward + backward of the objective alone, from the same inputs a training step hands it:
+  the student's final hidden state (B x T x H, requires_grad) and output head (a V x H linear layer, H = 64,
+  the tiny body's width), and the teacher's B x T x V logits. ``kd`` projects the hidden state to its
+  B x T x V logits (the head's forward and backward are part of what kd costs); ``td`` with top-k action
+  sets, k in {8, 64, 512}, computes only the gathered columns from the head (``fused_head``, the default);
+  ``td-logits`` (k = ``ratio_k``) is td gathering from the full logits instead (``fused_head: false``);
 - ``step``: a whole training step as a worker runs it without DeepSpeed: teacher forward, student forward
   and the objective (``DistillModule``), backward and an AdamW step, ``kd`` against ``td`` at ``ratio_k``.
   Models: a tiny GPT-2 body (teacher 4 blocks, student 2, width 64) with the vocabulary under test and
-  random weights (the cost does not depend on them), cast to the dtype (float32 only: step rows are not
-  repeated in bfloat16).
+  random weights (the cost does not depend on them).
 
 Memory. Every memory figure comes from its own fresh process (forked from a forkserver that has only
 imported the libraries), so no allocator state or cached buffer of one measurement is inherited by
@@ -28,19 +30,15 @@ peak above that baseline over one more repetition:
   ``ru_maxrss`` deltas, a lower bound; each row names its method.
 
 An objective's figure is thus what it allocates above its inputs: temporaries, tensors saved for backward,
-and the gradient of the student logits it produces. That gradient (B x T x V in the logits' dtype) is the
-same for every objective that trains the logits and is a floor no objective can go under; objective rows
-also give its size (``grad_mib``) and the memory beyond it (``beyond_grad_mib``), and
-``memory_ratio_beyond_grad`` compares those. ``memory_ratio`` itself is the plain measured ratio.
+and the gradients it produces (the head's V x H, the hidden state's B x T x H).
 
 Time. All variants of one (vocabulary, dtype) run in one more fresh process, alternating repetition by
 repetition with the order flipped each time (so drift in the load of a shared machine hits every variant
 alike), after one warm-up round; times are medians.
 
-``memory_ratio`` is td (k = ``ratio_k``) over kd for the largest vocabulary in float32; when that misses the
-0.10 target, the objective rows are measured in bfloat16 too (the dtype of real GPU training; kd upcasts
-its inputs to float32, td only its gathered K columns) and ``memory_ratios`` holds one ratio per dtype.
-``step_ratio`` is the td step time over the kd step time for the same vocabulary, in float32.
+``memory_ratio`` is td (k = ``ratio_k``) over kd for the largest vocabulary, in float32 (``--bf16`` measures the
+objective rows in bfloat16 too, one ratio per dtype in ``memory_ratios``). ``step_ratio`` is the td step time
+over the kd step time for the same vocabulary, in float32.
 """
 
 from __future__ import annotations
@@ -122,12 +120,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+WIDTH = 64  # the tiny body's hidden size
+
+
 def _settings(objective: str, k: int | None):
     from raydistill.objectives import REGISTRY
 
-    if objective == "td":
-        return REGISTRY["td"].Settings(action_space={"kind": "top_k", "k": k})
+    if objective in ("td", "td-logits"):
+        return REGISTRY["td"].Settings(action_space={"kind": "top_k", "k": k}, fused_head=objective == "td")
     return REGISTRY[objective].Settings()
+
+
+def _name(objective: str) -> str:
+    return "td" if objective == "td-logits" else objective
 
 
 def _batch(spec: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -141,28 +146,35 @@ def _batch(spec: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _objective_runs(spec: dict, device: torch.device, variants: list[tuple[str, int | None]]) -> dict:
-    """Forward + backward of each objective alone, on one pair of logits tensors."""
+    """Forward + backward of each objective alone, from one student hidden state + head and teacher logits."""
     from raydistill.objectives import build_objectives
-    from raydistill.objectives.base import ForwardResult, ModelInfo, Step
+    from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Step
 
     B, T, V, dtype = spec["batch_size"], spec["seq_len"], spec["vocab"], DTYPES[spec["dtype"]]
     gen = torch.Generator().manual_seed(1)
-    student = (2 * torch.randn(B, T, V, generator=gen)).to(device, dtype).requires_grad_(True)
+    hidden = torch.randn(B, T, WIDTH, generator=gen).to(device, dtype).requires_grad_(True)
+    head = torch.nn.Linear(WIDTH, V, bias=False).to(device, dtype)
     teacher = (2 * torch.randn(B, T, V, generator=gen)).to(device, dtype)
-    info = ModelInfo(is_encoder=False, vocab_size=V, student_layers=2, student_hidden=64)
-    step = Step(batch=_batch(spec, device), student=ForwardResult(student), teacher=ForwardResult(teacher),
-                student_model=None, teacher_model=None, info=info)
+    info = ModelInfo(is_encoder=False, vocab_size=V, student_layers=2, student_hidden=WIDTH)
+    batch = _batch(spec, device)
 
-    def make(name: str, k: int | None):
-        obj = build_objectives({name: _settings(name, k)}, info)[name]
+    def make(label: str, k: int | None):
+        name = _name(label)
+        obj = build_objectives({name: _settings(label, k)}, info)[name]
+        needs = obj.needs()
 
         def run():
+            # What the step hands the objective: the head's output only where it asks for the full logits.
+            student = ForwardResult(head(hidden) if needs.student_logits else None,
+                                    head=HeadInput(hidden, head) if needs.student_head else None)
+            step = Step(batch=batch, student=student, teacher=ForwardResult(teacher), student_model=None,
+                        teacher_model=None, info=info)
             obj(step)[name].backward()
-            student.grad = None
+            hidden.grad = head.weight.grad = None
 
         return run
 
-    return {(name, k): make(name, k) for name, k in variants}
+    return {(label, k): make(label, k) for label, k in variants}
 
 
 def _step_runs(spec: dict, device: torch.device, variants: list[tuple[str, int | None]]) -> dict:
@@ -186,8 +198,8 @@ def _step_runs(spec: dict, device: torch.device, variants: list[tuple[str, int |
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     batch = _batch(spec, device)
 
-    def make(name: str, k: int | None):
-        module = DistillModule(student, build_objectives({name: _settings(name, k)}, info), info)
+    def make(label: str, k: int | None):
+        module = DistillModule(student, build_objectives({_name(label): _settings(label, k)}, info), info)
 
         def run():
             loss, _ = module(batch, teacher)
@@ -197,7 +209,7 @@ def _step_runs(spec: dict, device: torch.device, variants: list[tuple[str, int |
 
         return run
 
-    return {(name, k): make(name, k) for name, k in variants}
+    return {(label, k): make(label, k) for label, k in variants}
 
 
 def _memory(run, device: torch.device) -> dict:
@@ -295,15 +307,10 @@ def _rows(common: dict, what: str, vocab: int, dtype: str, variants: list[tuple[
         memory = _isolated({**spec, "mode": "memory", "variants": [(name, k)]})
         rows.append({"what": what, "vocab": vocab, "dtype": dtype, "objective": name, "k": k, **memory,
                      "time_ms": times[f"{name}:{k}"]})
-        if what == "objective":
-            grad = common["batch_size"] * common["seq_len"] * vocab * DTYPES[dtype].itemsize / 2**20
-            rows[-1].update(grad_mib=round(grad, 2), beyond_grad_mib=round(memory["peak_mib"] - grad, 2))
     kd = rows[0]
     for row in rows[1:]:
         row["memory_vs_kd"] = _ratio(row["peak_mib"], kd["peak_mib"])
         row["time_vs_kd"] = _ratio(row["time_ms"], kd["time_ms"])
-        if what == "objective":
-            row["beyond_grad_vs_kd"] = _ratio(row["beyond_grad_mib"], kd["beyond_grad_mib"])
     return rows
 
 
@@ -315,35 +322,33 @@ def _table(rows: list[dict]) -> str:
     def num(value, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    lines = [f"{'what':<10}{'vocab':>8}{'dtype':>10}{'objective':>10}{'k':>6}{'peak MiB':>11}{'>grad MiB':>11}"
+    lines = [f"{'what':<10}{'vocab':>8}{'dtype':>10}{'objective':>11}{'k':>6}{'peak MiB':>11}"
              f"{'time ms':>10}{'mem/kd':>8}{'time/kd':>9}"]
     for r in rows:
-        lines.append(f"{r['what']:<10}{r['vocab']:>8}{r['dtype']:>10}{r['objective']:>10}{r['k'] or '-':>6}"
-                     f"{r['peak_mib']:>11.1f}{num(r.get('beyond_grad_mib'), '.1f'):>11}{r['time_ms']:>10.1f}"
+        lines.append(f"{r['what']:<10}{r['vocab']:>8}{r['dtype']:>10}{r['objective']:>11}{r['k'] or '-':>6}"
+                     f"{r['peak_mib']:>11.1f}{r['time_ms']:>10.1f}"
                      f"{num(r.get('memory_vs_kd'), '.3f'):>8}{num(r.get('time_vs_kd'), '.3f'):>9}")
     return "\n".join(lines)
 
 
 def bench_td(vocabs: tuple[int, ...] | list[int] = (32_000, 150_000), ks: tuple[int, ...] | list[int] = (8, 64, 512),
              *, ratio_k: int = 64, batch_size: int = 4, seq_len: int = 128, reps: int = 3,
-             bf16: bool | None = None, device: str | None = None) -> dict:
+             bf16: bool = False, device: str | None = None) -> dict:
     """Measure every row, each memory figure in its own process. ``bf16``: also measure the objective rows
-    in bfloat16 (None: only when the float32 memory ratio misses the target)."""
+    in bfloat16."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ks = sorted({*ks, ratio_k})
     ratio_vocab = max(vocabs)
     common = {"device": dev, "threads": torch.get_num_threads(), "batch_size": batch_size, "seq_len": seq_len,
               "reps": reps}
-    objectives = [("kd", None), *(("td", k) for k in ks)]
+    objectives = [("kd", None), *(("td", k) for k in ks), ("td-logits", ratio_k)]
+    dtypes = ["float32", "bfloat16"] if bf16 else ["float32"]
     rows: list[dict] = []
-    for vocab in vocabs:
-        rows += _rows(common, "objective", vocab, "float32", objectives)
-    dtypes = ["float32"]
-    if bf16 or (bf16 is None and (_find(rows, k=ratio_k, vocab=ratio_vocab)["memory_vs_kd"] or 0) > MEMORY_TARGET):
-        dtypes.append("bfloat16")
+    for dtype in dtypes:
         for vocab in vocabs:
-            rows += _rows(common, "objective", vocab, "bfloat16", objectives)
-    ratio_rows = {d: _find(rows, what="objective", vocab=ratio_vocab, dtype=d, k=ratio_k) for d in dtypes}
+            rows += _rows(common, "objective", vocab, dtype, objectives)
+    ratio_rows = {d: _find(rows, what="objective", vocab=ratio_vocab, dtype=d, objective="td", k=ratio_k)
+                  for d in dtypes}
     for vocab in vocabs:
         rows += _rows(common, "step", vocab, "float32", [("kd", None), ("td", ratio_k)])
     step = _find(rows, what="step", vocab=ratio_vocab, objective="td")
@@ -351,8 +356,8 @@ def bench_td(vocabs: tuple[int, ...] | list[int] = (32_000, 150_000), ks: tuple[
              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
     return {"memory_ratio": ratio_rows["float32"]["memory_vs_kd"], "memory_ratio_dtype": "float32",
             "memory_target": MEMORY_TARGET, "memory_ratios": {d: r["memory_vs_kd"] for d, r in ratio_rows.items()},
-            "memory_ratio_beyond_grad": {d: r["beyond_grad_vs_kd"] for d, r in ratio_rows.items()},
-            "memory_ratio_of": f"td (top_k, k={ratio_k}) / kd, objective forward+backward, vocab {ratio_vocab}",
+            "memory_ratio_of": f"td (top_k, k={ratio_k}) / kd, objective forward+backward from the student's "
+                               f"hidden state and head, vocab {ratio_vocab}",
             "step_ratio": step["time_vs_kd"], "step_ratio_dtype": "float32", "step_target": STEP_TARGET,
             "step_ratio_of": f"td (k={ratio_k}) / kd training step time, vocab {ratio_vocab}",
             "step_memory_ratio": step["memory_vs_kd"], "dtype": "float32", "dtypes": dtypes,

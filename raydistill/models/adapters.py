@@ -120,6 +120,39 @@ class capture_block_outputs:
         self._handles.clear()
 
 
+def output_head(model: nn.Module) -> nn.Module:
+    """The module mapping the final hidden state to the logits (``get_output_embeddings``), with a V x H weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or len(getattr(weight, "ds_shape", weight.shape)) != 2:
+        raise ConfigError(f"{type(model).__name__} has no linear output head (get_output_embeddings() gives "
+                          f"{type(head).__name__}); objectives that read the head (td with fused_head) need one: "
+                          "set fused_head=false")
+    return head
+
+
+@contextmanager
+def capture_head_input(model: nn.Module, keep_logits: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of the model's output head during a forward (``captured['hidden']``, B x T x H).
+
+    With ``keep_logits=False`` the head is handed zero positions, so the model's B x T x V logits are never
+    computed (the output's logits are B x 0 x V): the head module still runs, so hooks on it (DeepSpeed's
+    parameter gathering) behave as in any forward. The hook is removed on exit, also when the forward raises."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, args):
+        captured["hidden"] = args[0]
+        if not keep_logits:
+            return (args[0][..., :0, :], *args[1:])
+        return None
+
+    handle = output_head(model).register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
     """Models in eval mode (no dropout) inside the block; each one's training flag restored afterwards."""

@@ -90,6 +90,19 @@ def teacher_layer_map(rule, teacher_depth: int, student_depth: int) -> list[int]
     return layers
 
 
+# Config fields of architectures that transform logits after the output head (Gemma's softcap, Cohere's and
+# Granite's scales), with the value that means "no transform".
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def logit_transform(config: PretrainedConfig) -> str | None:
+    """The name of the config field through which ``config``'s model transforms its head's output, or None."""
+    for name, identity in LOGIT_TRANSFORMS.items():
+        if getattr(config, name, identity) not in (identity, None):
+            return name
+    return None
+
+
 def model_info(teacher_cfg: PretrainedConfig | None, student_cfg: PretrainedConfig) -> ModelInfo:
     if teacher_cfg is not None:
         if teacher_cfg.vocab_size != student_cfg.vocab_size:
@@ -101,7 +114,8 @@ def model_info(teacher_cfg: PretrainedConfig | None, student_cfg: PretrainedConf
         is_encoder=is_encoder(student_cfg), vocab_size=student_cfg.vocab_size,
         student_layers=num_layers(student_cfg), student_hidden=hidden_size(student_cfg),
         teacher_layers=None if teacher_cfg is None else num_layers(teacher_cfg),
-        teacher_hidden=None if teacher_cfg is None else hidden_size(teacher_cfg))
+        teacher_hidden=None if teacher_cfg is None else hidden_size(teacher_cfg),
+        student_logit_transform=logit_transform(student_cfg))
 
 
 def _model_class(config: PretrainedConfig):

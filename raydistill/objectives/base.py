@@ -24,13 +24,18 @@ class Needs:
     """What an objective asks the step to provide."""
 
     teacher_logits: bool = False
+    # The student's full B x T x V logits. Without them the step skips the student's vocabulary projection.
+    student_logits: bool = False
+    # The input of the student's output head (its final hidden state) and the head itself, for objectives that
+    # compute only a few columns of the logits (``objectives.head_columns``).
+    student_head: bool = False
     # Block outputs (residual stream after block l, 0-indexed) to capture on each model.
     student_layers: frozenset[int] = frozenset()
     teacher_layers: frozenset[int] = frozenset()
 
     def __or__(self, other: "Needs") -> "Needs":
-        return Needs(self.teacher_logits or other.teacher_logits,
-                     self.student_layers | other.student_layers,
+        return Needs(self.teacher_logits or other.teacher_logits, self.student_logits or other.student_logits,
+                     self.student_head or other.student_head, self.student_layers | other.student_layers,
                      self.teacher_layers | other.teacher_layers)
 
     @property
@@ -48,12 +53,25 @@ class ModelInfo:
     student_hidden: int
     teacher_layers: int | None = None
     teacher_hidden: int | None = None
+    # The student config's field that transforms logits after the output head (a softcap, a scale), if any:
+    # logits computed from the head's input alone would then be wrong.
+    student_logit_transform: str | None = None
+
+
+@dataclass
+class HeadInput:
+    """The student's output head (the module mapping the final hidden state to the logits, weight V x H) and
+    its input for the step, so that an objective can compute chosen logit columns without all of them."""
+
+    hidden: torch.Tensor  # B x T x H
+    module: nn.Module
 
 
 @dataclass
 class ForwardResult:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None where no active objective needs them (Needs.student_logits)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> block output
+    head: HeadInput | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ class KDLoss(Objective):
     Settings = KDSettings
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
+        return Needs(teacher_logits=True, student_logits=True)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         kl = soft_kl(step.teacher.logits, step.student.logits, self.settings.temperature)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.objectives import register
-from raydistill.objectives.base import Objective, Step
+from raydistill.objectives.base import Needs, Objective, Step
 
 
 @register
@@ -15,6 +15,9 @@ class TaskLoss(Objective):
     for encoders, the next token for decoders), averaged over the positions that have a label."""
 
     name = "task"
+
+    def needs(self) -> Needs:
+        return Needs(student_logits=True)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         logits = step.student.logits

@@ -31,10 +31,13 @@ Choices the equations leave open:
   the positions kept) while their V(s_t) - gamma V(s_{t+1}) term stays (it does not involve the action),
   and they stay a non-terminal next state for the previous position: the state exists, only its expert
   action is outside the set.
-- Memory: the teacher's top-k ids are found under no_grad, the student's logits are gathered once
-  (K + 1 columns: the set plus the expert column) and upcast to fp32 there; everything after is B x T x K.
-  The only B x T x V tensor the objective adds is the gradient of the student's logits (in their dtype:
-  the gather's backward is ``_GatherColumns``, see there). ``chunk_size``
+- Memory: the teacher's top-k ids are found under no_grad, and the student's K + 1 columns (the set plus
+  the expert column) are computed once, in fp32; everything after is B x T x K. With ``fused_head`` (the
+  default) they come straight from the student's final hidden state and output head
+  (``objectives.head_columns``): the student never computes its B x T x V logits, and no vocabulary-sized
+  tensor exists but the head's own V x H gradient. With ``fused_head: false`` they are gathered from the
+  full logits, whose B x T x V gradient (in their dtype: the gather's backward is ``_GatherColumns``, see
+  there) is then the one vocabulary-sized tensor the objective adds. ``chunk_size``
   computes the action sets that many positions at a time (the teacher-side topk / nucleus softmax), with
   an identical result.
 """
@@ -50,6 +53,7 @@ from raydistill.errors import ConfigError
 from raydistill.objectives import register
 from raydistill.objectives.action_space import ActionSpaceSettings, action_space, add_expert
 from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean
+from raydistill.objectives.head_columns import head_columns
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -85,6 +89,9 @@ class TDSettings(ObjectiveSettings):
     expert: Literal["include", "skip"] = Field(
         "include", description="expert token outside A(s): include adds it to the set (A(s) u {a_t}); skip drops "
         "that position's Q(s_t, a_t) term and keeps V over A(s)")
+    fused_head: bool = Field(True, description="compute only the K gathered logits from the student's final "
+                             "hidden state and output head, so no B x T x V logits or gradient exist; false: gather "
+                             "from the full logits (needed where the model transforms logits after its head)")
     chunk_size: int | None = Field(None, ge=1, description="positions per chunk when choosing the action sets "
                                    "(bounds the teacher-side B x chunk x V work on long sequences); null: all")
 
@@ -99,16 +106,24 @@ class TDLoss(Objective):
         if info.is_encoder:
             raise ConfigError("objectives.td: temporal-difference distillation needs a decoder (next-token "
                               "transitions); the models are encoders. Use kd or cosine, or a decoder teacher")
+        if settings.fused_head and info.student_logit_transform:
+            raise ConfigError(f"objectives.td.fused_head: the student transforms its logits after the output head "
+                              f"(config field {info.student_logit_transform}), so they cannot be computed from the "
+                              "head's input; set objectives.td.fused_head=false")
 
     def needs(self) -> Needs:
-        return Needs(teacher_logits=True)
+        fused = self.settings.fused_head
+        return Needs(teacher_logits=True, student_logits=not fused, student_head=fused)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         s = self.settings
         labels = step.batch["labels"]
         actions, in_set = add_expert(action_space(step.teacher.logits, s.action_space, s.chunk_size), labels,
                                      include=s.expert == "include")
-        z = _GatherColumns.apply(step.student.logits, actions.index).float() / s.temperature
+        if s.fused_head:
+            z = head_columns(step.student.head, actions.index) / s.temperature
+        else:
+            z = _GatherColumns.apply(step.student.logits, actions.index).float() / s.temperature
         q = z - z.masked_fill(~actions.valid, float("-inf")).amax(-1, keepdim=True)
         if s.q_min is not None:
             q = q.clamp_min(s.q_min)

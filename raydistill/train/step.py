@@ -4,29 +4,37 @@ Nothing here knows which objectives are active: each declares ``needs()`` and th
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
-from raydistill.models.adapters import capture_block_outputs
-from raydistill.objectives.base import ForwardResult, ModelInfo, Needs, Objective, Step
+from raydistill.models.adapters import capture_block_outputs, capture_head_input, output_head
+from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Needs, Objective, Step
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
-def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_path: str | None) -> ForwardResult:
-    with capture_block_outputs(model, layers, block_path) as hidden:
+def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_path: str | None,
+              logits: bool = True, head: bool = False) -> ForwardResult:
+    """One forward with the requested block outputs; the B x T x V logits only when ``logits``, the output
+    head's input when ``head``."""
+    with capture_block_outputs(model, layers, block_path) as hidden, ExitStack() as stack:
+        captured = stack.enter_context(capture_head_input(model, keep_logits=logits)) if head or not logits else {}
         out = model(**{k: batch[k] for k in MODEL_INPUTS})
-    return ForwardResult(logits=out.logits, hidden=dict(hidden))
+    return ForwardResult(logits=out.logits if logits else None, hidden=dict(hidden),
+                         head=HeadInput(captured["hidden"], output_head(model)) if head else None)
 
 
-def run_teacher(teacher: nn.Module, batch, layers, block_path, inference_mode: bool) -> ForwardResult:
+def run_teacher(teacher: nn.Module, batch, layers, block_path, inference_mode: bool, logits: bool) -> ForwardResult:
     if not inference_mode:
         with torch.no_grad():
-            return run_model(teacher, batch, layers, block_path)
+            return run_model(teacher, batch, layers, block_path, logits)
     with torch.inference_mode():
-        out = run_model(teacher, batch, layers, block_path)
+        out = run_model(teacher, batch, layers, block_path, logits)
     # Inference tensors cannot enter the student's autograd graph; a clone outside the mode can.
-    return ForwardResult(out.logits.clone(), {k: v.clone() for k, v in out.hidden.items()})
+    return ForwardResult(None if out.logits is None else out.logits.clone(),
+                         {k: v.clone() for k, v in out.hidden.items()})
 
 
 class DistillModule(nn.Module):
@@ -67,19 +75,20 @@ class DistillModule(nn.Module):
 
     def _run(self, batch: dict[str, torch.Tensor], objectives: nn.ModuleDict, needs: Needs,
              teacher: nn.Module | None, extras: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path)
+        student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path,
+                                needs.student_logits, needs.student_head)
         teacher_out = None
         if needs.teacher:
             if teacher is None:
                 raise RuntimeError("an active objective needs the teacher, but none was given")
             teacher_out = run_teacher(teacher, batch, needs.teacher_layers, self.teacher_block_path,
-                                      self.teacher_inference_mode)
+                                      self.teacher_inference_mode, needs.teacher_logits)
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,
                             "teacher_block_path": self.teacher_block_path, **(extras or {})})
         logs: dict[str, torch.Tensor] = {}
-        total = student_out.logits.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), device=batch["input_ids"].device)
         for name, objective in objectives.items():
             terms = objective(step)
             total = total + objective.settings.weight * terms[name]
