@@ -459,3 +459,9 @@ def test_bench_times_both_variants_on_the_same_models():
     for row in out["rows"]:
         assert row["standard_s"] > 0 and row["iit_s"] > 0
         assert abs(row["ratio"] - row["iit_s"] / row["standard_s"]) < 1e-2  # times are rounded
+        # uniform_one: every aligned pair of `full` (4 -> 2 blocks) timed alone; iit is their mean.
+        assert list(row["by_pair"]) == ["t0_1-s0", "t2_3-s1"]
+        pair_mean = sum(p["iit_s"] for p in row["by_pair"].values()) / 2
+        assert abs(row["iit_s"] - pair_mean) < 1e-3
+    every = bench_iit(["tiny-gpt2"], batch_size=2, seq_len=16, steps=1, warmup=0, device="cpu", pair_sampling="all")
+    assert list(every["rows"][0]["by_pair"]) == ["all"]

@@ -4,8 +4,13 @@ plus ``iit``, side by side in one process, on the same models and batches.
 Each measured step is the real training step (``DistillModule``: the forward passes the objectives ask
 for, the weighted loss) plus backward and an AdamW step, as a worker runs it without DeepSpeed. The two
 variants alternate step by step (their order flipping each time) so that drift in machine load hits both
-alike. Models have random weights: the cost does not depend on them. ``iit`` samples one aligned pair per
-step, so its step time varies with the pair; times are means over the timed steps.
+alike. Models have random weights: the cost does not depend on them.
+
+With ``pair_sampling: uniform_one`` (the paper's) a step's cost depends on the sampled pair: the lower the
+intervened layers, the more blocks the counterfactual runs repeat. Sampling pairs at random over a few timed
+steps would make the ratio depend on the draws, so each aligned pair is timed as its own variant (iit with
+that pair alone) and the iit time is the mean over pairs: the expected step time under uniform sampling.
+Rows list the time and ratio of every pair. With ``all`` the variant runs every pair each step.
 """
 
 from __future__ import annotations
@@ -79,10 +84,17 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
     torch.manual_seed(seed)
     teacher, student, info = _models(name, device)
     settings = {n: REGISTRY[n].Settings() for n in STANDARD}
-    variants = {"standard": settings, "iit": {**settings, "iit": iit_settings}}
-    modules = {}
-    for key, objs in variants.items():
-        modules[key] = DistillModule(student, build_objectives(objs, info), info).to(device)
+    variants = {"standard": settings}
+    pairs = build_objectives({"iit": iit_settings}, info)["iit"].pairs
+    if iit_settings.pair_sampling == "uniform_one":
+        for pair in pairs:
+            one = type(iit_settings).model_validate(
+                {**iit_settings.model_dump(), "alignment": [{"teacher": list(pair.teacher), "student": pair.student}]})
+            variants[pair.label] = {**settings, "iit": one}
+    else:
+        variants["all"] = {**settings, "iit": iit_settings}
+    modules = {key: DistillModule(student, build_objectives(objs, info), info).to(device)
+               for key, objs in variants.items()}
     params = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(seed)
@@ -100,17 +112,20 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
             _sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
-    standard, iit = mean(times["standard"]), mean(times["iit"])
+    standard = mean(times.pop("standard"))
+    per_variant = {key: mean(ts) for key, ts in times.items()}
+    iit = mean(per_variant.values())
     return {"model": name, "teacher_layers": info.teacher_layers, "student_layers": info.student_layers,
             "hidden": info.teacher_hidden, "vocab": info.vocab_size, "standard_s": round(standard, 5),
-            "iit_s": round(iit, 5), "ratio": round(iit / standard, 4)}
+            "iit_s": round(iit, 5), "ratio": round(iit / standard, 4),
+            "by_pair": {key: {"iit_s": round(t, 5), "ratio": round(t / standard, 4)} for key, t in per_variant.items()}}
 
 
 def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size: int = 8, seq_len: int = 128,
               steps: int = 10, warmup: int = 2, device: str | None = None, seed: int = 0,
               alignment: str = "full", pair_sampling: str = "uniform_one") -> dict:
-    """Measure both variants for each model; ``ratio`` is iit / standard step time for ``bert-base``
-    (None when it is not among ``models``), ``rows`` has every model's times."""
+    """Measure the variants for each model; ``ratio`` is iit / standard step time for ``bert-base``
+    (None when it is not among ``models``), ``rows`` has every model's times (and each pair's)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     iit_settings = IITSettings(alignment=alignment, pair_sampling=pair_sampling)
     rows = [_bench_model(name, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, device=dev,
