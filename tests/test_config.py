@@ -98,3 +98,15 @@ def test_defaults_are_complete():
     cfg = ExperimentConfig(teacher={"name": "tiny-gpt2"})
     assert cfg.active_objectives().keys() == {"task"}
     assert yaml.safe_load(dump_config(cfg))["deepspeed"]["zero_stage"] == 2
+
+
+def test_pretrained_teacher_cache_key_follows_the_masking_rate(tmp_path):
+    """A teacher pretrained at one MLM masking rate is not reused at another."""
+    from raydistill.data.tokenizer import train_tokenizer
+    from raydistill.train.plan import pretrained_teacher_dir
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 20, "wordpiece", 120)
+    base = ["teacher.name=tiny-bert", f"cache_dir={tmp_path}"]
+    same = pretrained_teacher_dir(load_config(None, base), tok)
+    assert pretrained_teacher_dir(load_config(None, base), tok) == same
+    assert pretrained_teacher_dir(load_config(None, [*base, "data.mlm_probability=0.4"]), tok) != same

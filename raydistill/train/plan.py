@@ -128,7 +128,7 @@ def pretrained_teacher_dir(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase) 
     from raydistill.data.pipeline import tokenizer_fingerprint
 
     key = json.dumps({"teacher": cfg.teacher.model_dump(mode="json"), "data": data_key(cfg.data),
-                      "block": cfg.data.block_size, "tok": tokenizer_fingerprint(tok),
+                      "block": cfg.data.block_size, "mlm": cfg.data.mlm_probability, "tok": tokenizer_fingerprint(tok),
                       "workers": cfg.scaling.num_workers, "seed": cfg.train.seed}, sort_keys=True)
     return Path(cfg.cache_dir) / "teachers" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
