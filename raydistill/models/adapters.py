@@ -132,25 +132,28 @@ def output_head(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def capture_head_input(model: nn.Module, keep_logits: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input of the model's output head during a forward (``captured['hidden']``, B x T x H).
-
-    With ``keep_logits=False`` the head is handed zero positions, so the model's B x T x V logits are never
-    computed (the output's logits are B x 0 x V): the head module still runs, so hooks on it (DeepSpeed's
-    parameter gathering) behave as in any forward. The hook is removed on exit, also when the forward raises."""
+def capture_input(module: nn.Module, keep: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record ``module``'s first input during its calls (``captured['hidden']``). With ``keep=False`` the
+    module is handed zero positions of it (dim -2) instead, so it computes nothing: the module still runs, so
+    other hooks on it (DeepSpeed's parameter gathering) behave as in any call. The hook is removed on exit,
+    also when the call raises."""
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(module, args):
+    def hook(mod, args):
         captured["hidden"] = args[0]
-        if not keep_logits:
-            return (args[0][..., :0, :], *args[1:])
-        return None
+        return None if keep else (args[0][..., :0, :], *args[1:])
 
-    handle = output_head(model).register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook)
     try:
         yield captured
     finally:
         handle.remove()
+
+
+def capture_head_input(model: nn.Module, keep_logits: bool = True):
+    """Record the input of the model's output head during a forward (``captured['hidden']``, B x T x H); with
+    ``keep_logits=False`` the model's B x T x V logits are never computed (its logits are B x 0 x V)."""
+    return capture_input(output_head(model), keep=keep_logits)
 
 
 @contextmanager

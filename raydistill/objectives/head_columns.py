@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch.autograd.function import once_differentiable
 
+from raydistill.models.adapters import capture_input
 from raydistill.objectives.base import HeadInput
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered head rows per chunk: 64 MiB in float32
@@ -79,11 +80,7 @@ def head_columns(head: HeadInput, index: torch.Tensor) -> torch.Tensor:
     columns. Parameter-sharding hooks on the module (DeepSpeed ZeRO-3) therefore treat the computation as
     the module's own: the weight is gathered for its forward, gathered again before its backward, and its
     gradient is reduced like any module's."""
-    module, captured = head.module, {}
-
-    def cut_input(mod, args):  # after DeepSpeed's own pre-forward hook: parameters are gathered by now
-        captured["hidden"] = args[0]
-        return (args[0][..., :0, :], *args[1:])
+    module = head.module
 
     def columns(mod, args, output):  # before DeepSpeed's post-forward hook, which releases the parameters
         hidden = captured["hidden"]
@@ -91,9 +88,10 @@ def head_columns(head: HeadInput, index: torch.Tensor) -> torch.Tensor:
                                  index.reshape(-1, index.size(-1)))
         return out.view(index.shape)
 
-    handles = [module.register_forward_pre_hook(cut_input), module.register_forward_hook(columns, prepend=True)]
+    # The input cut is a pre-hook registered after DeepSpeed's own: parameters are gathered by then.
+    handle = module.register_forward_hook(columns, prepend=True)
     try:
-        return module(head.hidden)
+        with capture_input(module, keep=False) as captured:
+            return module(head.hidden)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
