@@ -34,7 +34,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from raydistill.models.adapters import block_hidden, find_blocks, replace_block_hidden
+from raydistill.errors import ConfigError
+from raydistill.models.adapters import block_hidden, capture_input, find_blocks, output_head, replace_block_hidden
 
 # Block class -> "tensor" | "tuple": whether its forward returns the hidden state itself or a tuple that
 # starts with it (transformers < 5 returns tuples). Learned from real calls in our hooks; a stand-in can
@@ -204,24 +205,55 @@ def source_states(model: nn.Module, inputs: Mapping, layers: Iterable[int],
 
 def counterfactual(model: nn.Module, inputs: Mapping, where: Positions, values: Mapping[int, torch.Tensor], *,
                    base_hidden: torch.Tensor | None = None, capture: Iterable[int] = (),
-                   block_path: str | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                   block_path: str | None = None, changed: torch.Tensor | None = None,
+                   base_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Logits of the base run over ``inputs`` with block outputs overwritten at ``where`` by ``values``
     (layer -> [N, H]), and the block outputs at ``capture``.
 
     ``base_hidden``: the base run's output of the lowest intervened block, when the caller has it; the
-    run then starts there instead of recomputing the blocks below (same result without dropout)."""
+    run then starts there instead of recomputing the blocks below (same result without dropout).
+    ``changed`` (B x T bool, see ``changed_positions``) with ``base_logits``: the positions whose logits
+    can differ from the base run's; the output head runs on those only and the others are taken from
+    ``base_logits`` (same result without dropout; with dropout, the same in distribution)."""
     lowest = min(values)
     capture = set(capture)
     writes = {layer: (where, v) for layer, v in values.items()}
     # Resuming skips blocks 0..lowest, so it cannot serve captures below the lowest intervened block.
     resume = base_hidden is not None and min(capture, default=lowest) >= lowest
+    select = head = None
+    if changed is not None and base_logits is not None and not bool(changed.all()):
+        try:
+            head = output_head(model)
+            select = changed.nonzero(as_tuple=True)
+        except ConfigError:  # no linear output head to hook: run the head everywhere
+            pass
     with ExitStack() as stack:
         if resume and can_swap(model, range(lowest + 1), block_path):
             stack.enter_context(resume_from(model, lowest, write(base_hidden, where, values[lowest]), block_path))
             writes.pop(lowest)
         captured = stack.enter_context(intervene(model, writes, capture, block_path))
+        if select is not None:
+            stack.enter_context(capture_input(head, select=select))
         logits = model(**inputs).logits
+    if select is not None:
+        logits = base_logits.index_put(select, logits[0].to(base_logits.dtype))
     return logits, captured
+
+
+def changed_positions(plan: "InterchangePlan", seq_len: int, layer: int, num_blocks: int,
+                      is_encoder: bool) -> torch.Tensor | None:
+    """B x T bool: the positions whose logits an intervention at block ``layer`` and above (at the plan's
+    base positions) can change, or None when that is every position. After the last block only the
+    intervened positions themselves change (the head works position by position); in a decoder, positions
+    before an example's span never see it."""
+    batch = plan.span_start.numel()
+    if layer == num_blocks - 1:
+        mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=plan.span_start.device)
+        mask[plan.base.rows, plan.base.cols] = True
+        return mask
+    if not is_encoder:
+        return torch.arange(seq_len, device=plan.span_start.device)[None, :] >= plan.span_start[:, None]
+    return None
 
 
 # ------------------------------------------------------------------------------------------ planning

@@ -113,16 +113,28 @@ def test_both_objectives_are_registered():
 
 
 @pytest.mark.parametrize("arch", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
-def test_loss_equals_the_naive_three_pass_algorithm(arch):
+@pytest.mark.parametrize("pair", [{"teacher": [1, 2], "student": 1}, {"teacher": [3], "student": 2}],
+                         ids=["middle", "last-blocks"])
+def test_loss_and_gradients_equal_the_naive_three_pass_algorithm(arch, pair):
+    # The step's shortcuts (no source pass, resumed prefix, base logits where the intervention cannot reach:
+    # a decoder's positions before the span, every position but the span after the last block) change nothing.
     teacher, student, info = models(arch, student_layers=3)
     batch = make_batch(info.is_encoder)
-    objective = IITLoss(IITSettings(alignment=[{"teacher": [1, 2], "student": 1}], temperature=2.0), info)
+    objective = IITLoss(IITSettings(alignment=[pair], temperature=2.0), info)
     step = make_step(student, teacher, batch, [objective], info, seed=5)
     out = objective(step)
+    out["iit"].backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
     plan = step.extras["_iit_counterfactuals"][objective._key].plan
     expected = naive_iit(student, teacher, batch, plan, objective.pairs[0], 2.0, info.is_encoder)
+    expected.backward()
     assert out["iit"].item() > 1e-4
     assert torch.allclose(out["iit"], expected, atol=1e-5, rtol=1e-5)
+    naive_grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert grads.keys() == naive_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, naive_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["tiny-bert", "tiny-gpt2"])
@@ -168,10 +180,10 @@ def test_gradients_reach_the_student_through_source_and_counterfactual_but_not_t
 def test_source_values_carry_gradient_exactly_where_they_are_read(reuse):
     teacher, student, info = models("tiny-gpt2")
     batch = make_batch(False)
-    objective = IITLoss(IITSettings(alignment=[{"teacher": [2], "student": 1}], reuse_base_prefix=reuse), info)
+    objective = IITLoss(IITSettings(alignment=[{"teacher": [2], "student": 0}], reuse_base_prefix=reuse), info)
     probe = make_step(student, teacher, batch, [objective], info, seed=9)
-    leaf = probe.student.hidden[1].detach().clone().requires_grad_()
-    step = make_step(student, teacher, batch, [objective], info, seed=9, hidden_override={1: leaf})
+    leaf = probe.student.hidden[0].detach().clone().requires_grad_()
+    step = make_step(student, teacher, batch, [objective], info, seed=9, hidden_override={0: leaf})
     objective(step)["iit"].backward()
     plan = objective.counterfactuals(step).plan
     read_at = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
@@ -399,8 +411,7 @@ def zero3_parts(arch):
     settings = {name: REGISTRY[name].Settings() for name in ("task", "iit", "iit_cosine")}
 
     def build(s):
-        return DistillModule(s, build_objectives(settings, info), info,
-                             teacher_inference_mode=False)
+        return DistillModule(s, build_objectives(settings, info), info)
 
     return build(student), build(copy.deepcopy(student)), teacher, make_batch(info.is_encoder)
 
@@ -463,5 +474,8 @@ def test_bench_times_both_variants_on_the_same_models():
         assert list(row["by_pair"]) == ["t0_1-s0", "t2_3-s1"]
         pair_mean = sum(p["iit_s"] for p in row["by_pair"].values()) / 2
         assert abs(row["iit_s"] - pair_mean) < 1e-3
+        # Counted FLOPs: the lower pair repeats more blocks; iit adds work but less than a second step.
+        low, high = (row["by_pair"][k]["flop_ratio"] for k in ("t0_1-s0", "t2_3-s1"))
+        assert 1 < high < low < 2 and row["flop_ratio"] == pytest.approx((low + high) / 2, abs=1e-3)
     every = bench_iit(["tiny-gpt2"], batch_size=2, seq_len=16, steps=1, warmup=0, device="cpu", pair_sampling="all")
     assert list(every["rows"][0]["by_pair"]) == ["all"]

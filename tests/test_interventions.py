@@ -11,9 +11,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from raydistill.errors import ConfigError
-from raydistill.interventions import (Positions, can_swap, counterfactual, derangement, intervene, model_inputs,
-                                      plan_generator, read, resume_from, sample_plan, source_states, stop_after)
-from raydistill.models.adapters import find_blocks
+from raydistill.interventions import (Positions, can_swap, changed_positions, counterfactual, derangement, intervene,
+                                      model_inputs, plan_generator, read, resume_from, sample_plan, source_states,
+                                      stop_after)
+from raydistill.models.adapters import find_blocks, output_head
 from raydistill.models.presets import preset_config
 
 ARCHS = ["tiny-bert", "tiny-gpt2", "tiny-llama"]
@@ -148,6 +149,38 @@ def test_resumed_counterfactual_equals_full_run_and_skips_lower_blocks(arch):
     # A capture below the lowest intervened block needs those blocks: the run is not resumed then.
     low, low_cap = counterfactual(model, inputs, where, values, base_hidden=cap[1], capture=[0, 1])
     assert (low - full).abs().max() <= 1e-5 and torch.allclose(low_cap[0], cap[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,layer,expect", [("tiny-gpt2", 1, "from-span"), ("tiny-llama", 1, "from-span"),
+                                                ("tiny-bert", 3, "span"), ("tiny-gpt2", 3, "span"),
+                                                ("tiny-bert", 1, None)])
+def test_head_runs_only_where_the_intervention_can_change_logits(arch, layer, expect):
+    model = tiny(arch)
+    ids = torch.randint(3, VOCAB, (3, 8))
+    inputs = inputs_for(arch, ids)
+    with intervene(model, capture=[layer]) as cap:
+        base = model(**inputs).logits
+    plan = sample_plan(inputs["attention_mask"], None, torch.Generator().manual_seed(4), proportion=0.3)
+    changed = changed_positions(plan, 8, layer, 4, arch == "tiny-bert")
+    if expect is None:
+        assert changed is None
+        return
+    in_span = torch.zeros(3, 8, dtype=torch.bool)
+    in_span[plan.base.rows, plan.base.cols] = True
+    after = torch.arange(8)[None] >= plan.span_start[:, None]
+    assert torch.equal(changed, in_span if expect == "span" else after) and not bool(changed.all())
+    values = {layer: torch.randn(len(plan.base), 64)}
+    full, _ = counterfactual(model, inputs, plan.base, values, base_hidden=cap[layer])
+    head_rows = []
+    handle = output_head(model).register_forward_hook(lambda m, a, out: head_rows.append(out.shape[:-1]))
+    try:
+        reused, _ = counterfactual(model, inputs, plan.base, values, base_hidden=cap[layer], changed=changed,
+                                   base_logits=base)
+    finally:
+        handle.remove()
+    assert head_rows == [torch.Size([1, int(changed.sum())])]
+    assert (reused - full).abs().max() <= 1e-5
+    assert torch.equal(reused[~changed], base[~changed])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,6 +11,12 @@ intervened layers, the more blocks the counterfactual runs repeat. Sampling pair
 steps would make the ratio depend on the draws, so each aligned pair is timed as its own variant (iit with
 that pair alone) and the iit time is the mean over pairs: the expected step time under uniform sampling.
 Rows list the time and ratio of every pair. With ``all`` the variant runs every pair each step.
+
+``flop_ratio`` is the same comparison in counted FLOPs (``torch.utils.flop_counter``: matrix multiplies and
+attention, forward and backward, over one untimed step per variant): the work the algorithm does,
+independent of how efficiently a device runs each kind of operation. Where ``ratio`` exceeds it, the extra
+time is in operations that run less efficiently than the standard step's average (on CPUs, the B x T x V
+vocabulary projections and the memory traffic around them).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from statistics import mean
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, PretrainedConfig
 
 from raydistill.data.masking import mask_tokens, next_token_labels
@@ -99,26 +106,39 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(seed)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    flops: dict[str, int] = {}
+
+    def train_step(key: str, batch: dict, i: int) -> None:
+        loss, _ = modules[key](batch, teacher, {"seed": seed * 100_003 + i, "step": i})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    counted = _batch(info, batch_size, seq_len, gen, device)
+    for key in variants:  # one untimed step each, counting matrix-multiply and attention FLOPs
+        with FlopCounterMode(display=False) as counter:
+            train_step(key, counted, -1)
+        flops[key] = counter.get_total_flops()
     for i in range(warmup + steps):
         batch = _batch(info, batch_size, seq_len, gen, device)
         order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for key in order:
             _sync(device)
             start = time.perf_counter()
-            loss, _ = modules[key](batch, teacher, {"seed": seed * 100_003 + i, "step": i})
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(key, batch, i)
             _sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
-    standard = mean(times.pop("standard"))
+    standard, standard_flops = mean(times.pop("standard")), flops.pop("standard")
     per_variant = {key: mean(ts) for key, ts in times.items()}
     iit = mean(per_variant.values())
+    iit_flops = mean(flops.values())
     return {"model": name, "teacher_layers": info.teacher_layers, "student_layers": info.student_layers,
             "hidden": info.teacher_hidden, "vocab": info.vocab_size, "standard_s": round(standard, 5),
             "iit_s": round(iit, 5), "ratio": round(iit / standard, 4),
-            "by_pair": {key: {"iit_s": round(t, 5), "ratio": round(t / standard, 4)} for key, t in per_variant.items()}}
+            "flop_ratio": round(iit_flops / standard_flops, 4), "standard_gflop": round(standard_flops / 1e9, 2),
+            "by_pair": {key: {"iit_s": round(t, 5), "ratio": round(t / standard, 4),
+                              "flop_ratio": round(flops[key] / standard_flops, 4)} for key, t in per_variant.items()}}
 
 
 def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size: int = 8, seq_len: int = 128,
@@ -130,10 +150,11 @@ def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size:
     iit_settings = IITSettings(alignment=alignment, pair_sampling=pair_sampling)
     rows = [_bench_model(name, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, device=dev,
                          seed=seed, iit_settings=iit_settings) for name in models]
-    ratio = next((r["ratio"] for r in rows if r["model"] == RATIO_MODEL), None)
+    ratio_row = next((r for r in rows if r["model"] == RATIO_MODEL), {})
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
-    return {"ratio": ratio, "ratio_model": RATIO_MODEL, "target": 1.6, "device": where,
+    return {"ratio": ratio_row.get("ratio"), "flop_ratio": ratio_row.get("flop_ratio"), "ratio_model": RATIO_MODEL,
+            "target": 1.6, "device": where,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
             "objectives": {"standard": list(STANDARD), "iit": [*STANDARD, "iit"]},
             "iit": {"alignment": alignment, "pair_sampling": pair_sampling}, "rows": rows}

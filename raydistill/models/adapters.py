@@ -132,15 +132,19 @@ def output_head(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def capture_input(module: nn.Module, keep: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def capture_input(module: nn.Module, keep: bool = True,
+                  select: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Record ``module``'s first input during its calls (``captured['hidden']``). With ``keep=False`` the
-    module is handed zero positions of it (dim -2) instead, so it computes nothing: the module still runs, so
-    other hooks on it (DeepSpeed's parameter gathering) behave as in any call. The hook is removed on exit,
-    also when the call raises."""
+    module is handed zero positions of it (dim -2) instead, so it computes nothing; with ``select`` (batch
+    rows, positions) only those positions, as one sequence (1 x N x H). The module still runs, so other hooks
+    on it (DeepSpeed's parameter gathering) and anything the model applies to its output (a logit softcap)
+    behave as in any call. The hook is removed on exit, also when the call raises."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(mod, args):
         captured["hidden"] = args[0]
+        if select is not None:
+            return (args[0][select].unsqueeze(0), *args[1:])
         return None if keep else (args[0][..., :0, :], *args[1:])
 
     handle = module.register_forward_pre_hook(hook)

@@ -4,6 +4,7 @@ at which objective it is running."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -126,6 +127,14 @@ def width_projection(info: ModelInfo) -> nn.Linear | None:
     if info.student_hidden == info.teacher_hidden:
         return None
     return nn.Linear(info.student_hidden, info.teacher_hidden, bias=False)
+
+
+def row_chunks(rows: int, per_row: int, budget: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(rows)`` with at most ``budget`` elements each (at least one row), for
+    fused objective kernels that work a bounded amount of memory at a time."""
+    step = max(1, budget // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from raydistill.models.adapters import capture_input
-from raydistill.objectives.base import HeadInput
+from raydistill.objectives.base import HeadInput, row_chunks
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered head rows per chunk: 64 MiB in float32
 
 
 def _chunks(rows: int, per_row: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+    return row_chunks(rows, per_row, _CHUNK_ELEMENTS)
 
 
 class _HeadColumns(torch.autograd.Function):

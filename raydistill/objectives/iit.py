@@ -12,7 +12,8 @@ passes already captured (``needs()`` asks for every aligned layer): no source pa
 student's gradient reaches its source computation through that graph. Each source keeps the MLM
 masking it has in the batch, drawn independently of its base's masking, as the reference's separately
 masked dual examples. The counterfactual run starts from the base run's output of the lowest intervened
-block (``resume_from``), so only the blocks above it and the LM head run again.
+block (``resume_from``), so only the blocks above it and the LM head run again, and the head only at the
+positions the intervention can change (``changed_positions``) when the step has the base logits for the rest.
 
 The two objectives share one counterfactual computation per step (cached in ``step.extras``) when their
 intervention settings are equal; ``share_intervention_settings`` lets the config give iit_cosine the
@@ -38,12 +39,12 @@ from pydantic import Discriminator, Field, Tag, field_validator
 
 from raydistill.alignment import ALIGNMENT_PRESETS, AlignmentPair, LayerPair, resolve_alignment
 from raydistill.errors import ConfigError
-from raydistill.interventions import (InterchangePlan, counterfactual, model_inputs, plan_generator, read,
-                                      sample_plan)
+from raydistill.interventions import (InterchangePlan, changed_positions, counterfactual, model_inputs,
+                                      plan_generator, read, sample_plan)
 from raydistill.objectives import register
 from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean,
                                         width_projection)
-from raydistill.objectives.kd import soft_kl
+from raydistill.objectives.soft_kl import soft_kl
 
 _SALT = 0x11717  # plan streams are independent of other users of the step seed
 _CACHE = "_iit_counterfactuals"
@@ -157,19 +158,31 @@ def run_counterfactuals(step: Step, pairs: list[LayerPair], settings: Interventi
     inputs = model_inputs(batch, info.is_encoder)
     t_path, s_path = step.extras.get("teacher_block_path"), step.extras.get("student_block_path")
     t_last, s_last = info.teacher_layers - 1, info.student_layers - 1
+    seq = batch["input_ids"].size(1)
     results = []
     for pair in chosen:
+        t_low = min(pair.teacher)
         with torch.no_grad():
             t_values = {layer: read(_hidden(step, "teacher", layer), plan.source) for layer in pair.teacher}
-            t_base = _hidden(step, "teacher", pair.teacher[0]) if settings.reuse_base_prefix else None
-            t_logits, t_cap = counterfactual(step.teacher_model, inputs, plan.base, t_values, base_hidden=t_base,
-                                             capture=[t_last], block_path=t_path)
+            t_base = _hidden(step, "teacher", t_low) if settings.reuse_base_prefix else None
+            t_logits, t_cap = counterfactual(
+                step.teacher_model, inputs, plan.base, t_values, base_hidden=t_base, capture=[t_last],
+                block_path=t_path, **_reuse_logits(step.teacher, plan, seq, t_low, info.teacher_layers, info))
         s_values = {pair.student: read(_hidden(step, "student", pair.student), plan.source)}
         s_base = _hidden(step, "student", pair.student) if settings.reuse_base_prefix else None
-        s_logits, s_cap = counterfactual(step.student_model, inputs, plan.base, s_values, base_hidden=s_base,
-                                         capture=[s_last], block_path=s_path)
+        s_logits, s_cap = counterfactual(
+            step.student_model, inputs, plan.base, s_values, base_hidden=s_base, capture=[s_last],
+            block_path=s_path, **_reuse_logits(step.student, plan, seq, pair.student, info.student_layers, info))
         results.append(PairResult(pair, t_logits, s_logits, t_cap[t_last], s_cap[s_last]))
     return Counterfactuals(batch["input_ids"], seed, plan, results)
+
+
+def _reuse_logits(out, plan: InterchangePlan, seq: int, lowest: int, blocks: int, info: ModelInfo) -> dict:
+    """Keyword arguments letting ``counterfactual`` take unchanged positions' logits from the step's base
+    run, when the step computed them (another objective needed them)."""
+    if out is None or out.logits is None:
+        return {}
+    return {"changed": changed_positions(plan, seq, lowest, blocks, info.is_encoder), "base_logits": out.logits}
 
 
 def _hidden(step: Step, which: str, layer: int) -> torch.Tensor:

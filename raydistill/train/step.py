@@ -26,17 +26,6 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_pa
                          head=HeadInput(captured["hidden"], output_head(model)) if head else None)
 
 
-def run_teacher(teacher: nn.Module, batch, layers, block_path, inference_mode: bool, logits: bool) -> ForwardResult:
-    if not inference_mode:
-        with torch.no_grad():
-            return run_model(teacher, batch, layers, block_path, logits)
-    with torch.inference_mode():
-        out = run_model(teacher, batch, layers, block_path, logits)
-    # Inference tensors cannot enter the student's autograd graph; a clone outside the mode can.
-    return ForwardResult(None if out.logits is None else out.logits.clone(),
-                         {k: v.clone() for k, v in out.hidden.items()})
-
-
 class DistillModule(nn.Module):
     """What DeepSpeed trains: the student and the objectives' own parameters (projections).
 
@@ -48,7 +37,7 @@ class DistillModule(nn.Module):
     its weighted loss to the main one (one backward for all); its terms are logged as ``name/term``."""
 
     def __init__(self, student: nn.Module, objectives: dict[str, Objective], info: ModelInfo,
-                 block_paths: tuple[str | None, str | None] = (None, None), teacher_inference_mode: bool = True,
+                 block_paths: tuple[str | None, str | None] = (None, None),
                  streams: dict[str, dict[str, Objective]] | None = None):
         super().__init__()
         self.student = student
@@ -56,9 +45,6 @@ class DistillModule(nn.Module):
         self.streams = nn.ModuleDict({name: nn.ModuleDict(objs) for name, objs in (streams or {}).items()})
         self.info = info
         self.student_block_path, self.teacher_block_path = block_paths
-        # inference_mode is cheaper than no_grad, but ZeRO-3's parameter gathering writes to parameters
-        # inside forward, which inference mode forbids: sharded teachers use no_grad.
-        self.teacher_inference_mode = teacher_inference_mode
         self.needs = _needs(self.objectives)
         self.stream_needs = {name: _needs(objs) for name, objs in self.streams.items()}
 
@@ -81,8 +67,11 @@ class DistillModule(nn.Module):
         if needs.teacher:
             if teacher is None:
                 raise RuntimeError("an active objective needs the teacher, but none was given")
-            teacher_out = run_teacher(teacher, batch, needs.teacher_layers, self.teacher_block_path,
-                                      self.teacher_inference_mode, needs.teacher_logits)
+            # no_grad, not inference_mode: inference tensors would need copies (B x T x V for the logits)
+            # before objectives could save them for backward, and ZeRO-3 writes to parameters in forward.
+            with torch.no_grad():
+                teacher_out = run_model(teacher, batch, needs.teacher_layers, self.teacher_block_path,
+                                        needs.teacher_logits)
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,

@@ -90,9 +90,8 @@ class Worker:
 
         objectives = build_objectives(plan.objectives, plan.info)
         streams = {name: build_objectives(stream.objectives, plan.info) for name, stream in plan.streams.items()}
+        module = DistillModule(student, objectives, plan.info, plan.block_paths, streams=streams)
         sharded_teacher = teacher is not None and cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.shard_teacher
-        module = DistillModule(student, objectives, plan.info, plan.block_paths,
-                               teacher_inference_mode=not sharded_teacher, streams=streams)
         ds_cfg = deepspeed_config(cfg, self.world)
         t = cfg.train
         optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
