@@ -17,7 +17,8 @@ point) is unaffected.
 Besides hooks, two cost savers swap blocks for parameter-free stand-ins for one run (always restored):
 ``resume_from`` (a counterfactual run equals the base run below the lowest intervened layer, so it can
 start from the base run's block output there) and ``stop_after`` (a source run only needs the blocks up to
-the highest intervened layer).
+the highest intervened layer). A third one is ``counterfactual``'s ``changed``: the output head runs only at
+the positions the intervention can change (``changed_positions``), the others keep the base run's logits.
 
 Planning (``sample_plan``): sources are a derangement of the batch; one contiguous span per example over
 its eligible tokens (non-padding; special tokens optional) of max(1, floor(p * min(real length of base,

@@ -403,12 +403,16 @@ print("RESULT" + json.dumps(out))
 
 
 def zero3_parts(arch):
-    """For the ZeRO-3 subprocess: a DistillModule with iit + iit_cosine, an unsharded copy, teacher, batch."""
+    """For the ZeRO-3 subprocess: a DistillModule with task, kd, iit and iit_cosine, an unsharded copy, the
+    teacher and a batch."""
     from raydistill.objectives import build_objectives
     from raydistill.train.step import DistillModule
 
     teacher, student, info = models(arch)
-    settings = {name: REGISTRY[name].Settings() for name in ("task", "iit", "iit_cosine")}
+    # kd and task give the step both models' base logits, and every pair runs (the student's second block is
+    # its last), so the counterfactual head runs on chosen positions only, through DeepSpeed's hooks.
+    settings = {name: REGISTRY[name].Settings() for name in ("task", "kd")}
+    settings.update({name: REGISTRY[name].Settings(pair_sampling="all") for name in ("iit", "iit_cosine")})
 
     def build(s):
         return DistillModule(s, build_objectives(settings, info), info)
