@@ -421,8 +421,8 @@ def test_bench_td_smoke():
     for key in ("memory_ratio", "memory_ratio_dtype", "step_ratio", "dtype", "device", "rows", "memory_ratios"):
         assert key in r
     assert r["memory_ratio"] > 0 and r["step_ratio"] > 0 and r["memory_ratio_dtype"] == "float32"
-    assert {(row["what"], row["objective"]) for row in r["rows"]} == {("objective", "kd"), ("objective", "td"), ("objective", "td-logits"),
-                                                                      ("step", "kd"), ("step", "td")}
+    assert {(row["what"], row["objective"]) for row in r["rows"]} == {
+        ("objective", "kd"), ("objective", "td"), ("objective", "td-logits"), ("step", "kd"), ("step", "td")}
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])

@@ -154,12 +154,6 @@ def capture_input(module: nn.Module, keep: bool = True,
         handle.remove()
 
 
-def capture_head_input(model: nn.Module, keep_logits: bool = True):
-    """Record the input of the model's output head during a forward (``captured['hidden']``, B x T x H); with
-    ``keep_logits=False`` the model's B x T x V logits are never computed (its logits are B x 0 x V)."""
-    return capture_input(output_head(model), keep=keep_logits)
-
-
 @contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
     """Models in eval mode (no dropout) inside the block; each one's training flag restored afterwards."""

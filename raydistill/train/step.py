@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from raydistill.models.adapters import capture_block_outputs, capture_head_input, output_head
+from raydistill.models.adapters import capture_block_outputs, capture_input, output_head
 from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Needs, Objective, Step
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -19,11 +19,13 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_pa
               logits: bool = True, head: bool = False) -> ForwardResult:
     """One forward with the requested block outputs; the B x T x V logits only when ``logits``, the output
     head's input when ``head``."""
+    head_module = output_head(model) if head or not logits else None
     with capture_block_outputs(model, layers, block_path) as hidden, ExitStack() as stack:
-        captured = stack.enter_context(capture_head_input(model, keep_logits=logits)) if head or not logits else {}
+        # Without ``logits`` the head is handed zero positions: the B x T x V projection never runs.
+        captured = stack.enter_context(capture_input(head_module, keep=logits)) if head_module is not None else {}
         out = model(**{k: batch[k] for k in MODEL_INPUTS})
     return ForwardResult(logits=out.logits if logits else None, hidden=dict(hidden),
-                         head=HeadInput(captured["hidden"], output_head(model)) if head else None)
+                         head=HeadInput(captured["hidden"], head_module) if head else None)
 
 
 class DistillModule(nn.Module):
