@@ -121,11 +121,15 @@ _register_eval()
 @bench_app.command("iit")
 def bench_iit(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
               models: str = typer.Option("tiny-bert,tiny-gpt2,tiny-llama,bert-base", help="comma-separated"),
-              batch_size: int = typer.Option(8), steps: int = typer.Option(10)):
+              batch_size: int = typer.Option(8), steps: int = typer.Option(10),
+              release_freed_memory: bool = typer.Option(
+                  False, "--release-freed-memory", help="measure with glibc's default malloc (freed memory goes "
+                  "back to the OS) instead of keeping it as training workers do")):
     """Step time of task+kd+cosine vs the same plus iit, side by side; ratio for the BERT-base config."""
     from raydistill.bench.iit import bench_iit as run_bench
 
-    result = run_bench(models=models.split(","), batch_size=batch_size, steps=steps)
+    result = run_bench(models=models.split(","), batch_size=batch_size, steps=steps,
+                       keep_freed_memory=not release_freed_memory)
     typer.echo(json.dumps(result, indent=2) if as_json else json.dumps(result["rows"], indent=2))
 
 

@@ -376,6 +376,9 @@ class ScalingSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+    keep_freed_host_memory: bool = Field(
+        True, description="workers' malloc keeps freed host memory for reuse instead of returning it to the OS, "
+        "so big per-step tensors are not page-faulted in again each step (glibc; see README 'CPU memory')")
 
 
 class RaySpec(Strict):

@@ -17,6 +17,11 @@ attention, forward and backward, over one untimed step per variant): the work th
 independent of how efficiently a device runs each kind of operation. Where ``ratio`` exceeds it, the extra
 time is in operations that run less efficiently than the standard step's average (on CPUs, the B x T x V
 vocabulary projections and the memory traffic around them).
+
+Host memory is kept as training workers keep it (``scaling.keep_freed_host_memory``, on by default, see
+``raydistill.train.host_memory``); ``keep_freed_memory=False`` (``--release-freed-memory``) measures with
+glibc's defaults instead, where each step faults its freed B x T x V tensors back in. Set for the rest of
+the process, so a run measures one setting.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from raydistill.models.presets import preset_config
 from raydistill.objectives import REGISTRY, build_objectives
 from raydistill.objectives.base import ModelInfo
 from raydistill.objectives.iit import IITSettings
+from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.step import DistillModule
 
 BENCH_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama", "bert-base")
@@ -143,10 +149,11 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
 
 def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size: int = 8, seq_len: int = 128,
               steps: int = 10, warmup: int = 2, device: str | None = None, seed: int = 0,
-              alignment: str = "full", pair_sampling: str = "uniform_one") -> dict:
+              alignment: str = "full", pair_sampling: str = "uniform_one", keep_freed_memory: bool = True) -> dict:
     """Measure the variants for each model; ``ratio`` is iit / standard step time for ``bert-base``
     (None when it is not among ``models``), ``rows`` has every model's times (and each pair's)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kept = keep_freed_memory and keep_freed_host_memory()
     iit_settings = IITSettings(alignment=alignment, pair_sampling=pair_sampling)
     rows = [_bench_model(name, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, device=dev,
                          seed=seed, iit_settings=iit_settings) for name in models]
@@ -154,7 +161,7 @@ def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size:
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
     return {"ratio": ratio_row.get("ratio"), "flop_ratio": ratio_row.get("flop_ratio"), "ratio_model": RATIO_MODEL,
-            "target": 1.6, "device": where,
+            "target": 1.6, "device": where, "host_memory": "kept" if kept else "released (glibc default)",
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
             "objectives": {"standard": list(STANDARD), "iit": [*STANDARD, "iit"]},
             "iit": {"alignment": alignment, "pair_sampling": pair_sampling}, "rows": rows}

@@ -33,6 +33,7 @@ from raydistill.models.adapters import eval_mode
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
 from raydistill.objectives import build_objectives
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
+from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import RunPlan
 from raydistill.train.progress import ProgressPrinter
 from raydistill.train.schedule import lr_lambda
@@ -401,6 +402,8 @@ class Worker:
     def run(self) -> None:
         import ray.train
 
+        if self.cfg.scaling.keep_freed_host_memory and not keep_freed_host_memory() and self.is_main:
+            print("[raydistill] scaling.keep_freed_host_memory: not glibc, malloc left as it is", flush=True)
         self.build()
         start = self.resume()
         t = self.cfg.train
