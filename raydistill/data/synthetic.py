@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -477,18 +478,29 @@ def _check(n: int, split: str) -> None:
         raise ValueError(f"number of examples must be >= 0, got {n}")
 
 
+def _examples(n: int, seed: int, split: str, stream: str,
+              draw: Callable[[random.Random, World], tuple[str, dict] | None]) -> list[dict]:
+    """``n`` examples of ``split``: ``draw`` gives the text that decides an example's split and the example,
+    or None to draw again."""
+    _check(n, split)
+    world = build_world(seed)
+    rng = _stream_rng(seed, stream)
+    out: list[dict] = []
+    while len(out) < n:
+        drawn = draw(rng, world)
+        if drawn is not None and split_of(drawn[0]) == split:
+            out.append(drawn[1])
+    return out
+
+
 def sentence_classification_examples(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """CoLA-like acceptability: ``{"sentence": str, "label": int}``, label 1 when every verb agrees with
     its subject, 0 when one verb was put in the other number. Balanced; train and dev never share a
     sentence."""
-    _check(n, split)
-    world = build_world(seed)
-    rng = _stream_rng(seed, "classification")
-    out: list[dict] = []
-    while len(out) < n:
+    def draw(rng: random.Random, world: World) -> tuple[str, dict] | None:
         sentence = _random_sentence(rng, world)
         if not sentence.agreements:
-            continue
+            return None
         tokens = sentence.tokens
         label = int(rng.random() < 0.5)
         if not label:
@@ -496,9 +508,9 @@ def sentence_classification_examples(n: int, seed: int = 0, split: str = "train"
             tokens = tokens.copy()
             tokens[verb] = _FLIP[tokens[verb]]
         text = detokenize(tokens)
-        if split_of(text) == split:
-            out.append({"sentence": text, "label": label})
-    return out
+        return text, {"sentence": text, "label": label}
+
+    return _examples(n, seed, split, "classification", draw)
 
 
 def iob2_tags(num_tokens: int, entities: list[tuple[int, int, str]]) -> list[str]:
@@ -513,15 +525,12 @@ def iob2_tags(num_tokens: int, entities: list[tuple[int, int, str]]) -> list[str
 def ner_examples(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """CoNLL-2003-like NER: ``{"tokens": list[str], "ner_tags": list[str]}`` with IOB2 tags over
     PER/ORG/LOC/MISC."""
-    _check(n, split)
-    world = build_world(seed)
-    rng = _stream_rng(seed, "ner")
-    out: list[dict] = []
-    while len(out) < n:
+    def draw(rng: random.Random, world: World) -> tuple[str, dict]:
         sentence = _random_sentence(rng, world)
-        if split_of(" ".join(sentence.tokens)) == split:
-            out.append({"tokens": sentence.tokens, "ner_tags": iob2_tags(len(sentence.tokens), sentence.entities)})
-    return out
+        return " ".join(sentence.tokens), {"tokens": sentence.tokens,
+                                           "ner_tags": iob2_tags(len(sentence.tokens), sentence.entities)}
+
+    return _examples(n, seed, split, "ner", draw)
 
 
 _QUESTIONS = {
@@ -546,11 +555,7 @@ def qa_examples(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """SQuAD-like extractive QA over generated paragraphs: ``{"id", "title", "context", "question",
     "answers": {"text": [str], "answer_start": [int]}}``; the answer is the span of the context sentence
     that states the fact asked about."""
-    _check(n, split)
-    world = build_world(seed)
-    rng = _stream_rng(seed, "qa")
-    out: list[dict] = []
-    while len(out) < n:
+    def draw(rng: random.Random, world: World) -> tuple[str, dict]:
         sentences = _document_sentences(rng, world)
         tokens: list[str] = []
         facts = []
@@ -560,13 +565,12 @@ def qa_examples(n: int, seed: int = 0, split: str = "train") -> list[dict]:
         context = detokenize(tokens)
         kind, subject, start, end = rng.choice(facts)
         question = _question(world, kind, subject)
-        if split_of(context + "\n" + question) != split:
-            continue
         offsets = token_offsets(tokens)
         answer_start = offsets[start]
         answer = context[answer_start:offsets[end - 1] + len(tokens[end - 1])]
         key = hashlib.blake2b(f"{seed}/{context}/{question}".encode(), digest_size=8).hexdigest()
-        out.append({"id": key, "title": sentences[0].tokens[0] + " " + sentences[0].tokens[1],
-                    "context": context, "question": question,
-                    "answers": {"text": [answer], "answer_start": [answer_start]}})
-    return out
+        return context + "\n" + question, {
+            "id": key, "title": sentences[0].tokens[0] + " " + sentences[0].tokens[1], "context": context,
+            "question": question, "answers": {"text": [answer], "answer_start": [answer_start]}}
+
+    return _examples(n, seed, split, "qa", draw)
