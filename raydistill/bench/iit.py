@@ -15,13 +15,13 @@ Rows list the time and ratio of every pair. With ``all`` the variant runs every 
 ``flop_ratio`` is the same comparison in counted FLOPs (``torch.utils.flop_counter``: matrix multiplies and
 attention, forward and backward, over one untimed step per variant): the work the algorithm does,
 independent of how efficiently a device runs each kind of operation. Where ``ratio`` exceeds it, the extra
-time is in operations that run less efficiently than the standard step's average (on CPUs, the B x T x V
-vocabulary projections and the memory traffic around them).
+time is in operations that run less efficiently than the standard step's average.
 
 Host memory is kept as training workers keep it (``scaling.keep_freed_host_memory``, on by default, see
 ``raydistill.train.host_memory``); ``keep_freed_memory=False`` (``--release-freed-memory``) measures with
-glibc's defaults instead, where each step faults its freed B x T x V tensors back in. Set for the rest of
-the process, so a run measures one setting.
+glibc's defaults instead, where each step faults its freed B x T x V tensors back in, which costs the IIT
+step (more such tensors) more than the standard one. The setting lasts for the process, so a run measures
+one setting.
 """
 
 from __future__ import annotations
