@@ -6,7 +6,7 @@ tensors (125 MiB each for BERT-base's vocabulary at 8 x 128 tokens) and frees th
 so every step faults each of their pages back in, one 4 KiB page at a time: ~100 ms per such tensor on a
 2-core VM, time that tracks the step's memory layout rather than its work. Measured with ``raydistill bench
 iit`` (BERT-base, CPU): the IIT step's time ratio was 1.79 for a counted-FLOP ratio of 1.60 with glibc's
-defaults, and 1.55-1.61 (mean 1.59) with freed memory kept: the IIT step 10% faster, the standard one unchanged.
+defaults, and 1.55-1.61 (mean 1.59) with freed memory kept: the IIT step 9-12% faster, the standard one unchanged.
 
 ``keep_freed_host_memory`` turns both off for the rest of the process (``mallopt``), so freed blocks stay
 in the heap and the next step reuses them without faults. The resident set then stays at its peak, which
