@@ -128,3 +128,13 @@ def test_weighted_sum_in_distill_module_uses_every_term():
     same = DistillModule(teacher, build_objectives(settings, info), info)
     _, logs = same(batch, teacher)
     assert logs["kd"].item() == pytest.approx(0, abs=1e-6) and logs["cosine"].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_an_objective_without_forward_cannot_be_built():
+    from raydistill.objectives.base import Objective, ObjectiveSettings
+
+    class Incomplete(Objective):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="forward"):
+        Incomplete(ObjectiveSettings(), INFO)

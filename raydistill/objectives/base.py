@@ -4,6 +4,7 @@ at which objective it is running."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -93,7 +94,7 @@ class Step:
         return self.batch["attention_mask"]
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, ABC):
     """Subclasses set ``name`` and ``Settings`` and implement ``needs`` and ``forward``.
 
     ``forward`` returns a dict whose entry ``self.name`` is the scalar loss term (unweighted); other
@@ -118,8 +119,9 @@ class Objective(nn.Module):
     def needs(self) -> Needs:
         return Needs()
 
-    def forward(self, step: Step) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+    @abstractmethod
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        """The loss terms of this step (see the class doc)."""
 
 
 def width_projection(info: ModelInfo) -> nn.Linear | None:
