@@ -289,6 +289,19 @@ def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
             return perm
 
 
+def partners(n: int) -> torch.Tensor:
+    """Sources for keyed plans (``sample_plan(keys=...)``): neighbours swap (0 <-> 1, 2 <-> 3, ...) and an odd
+    batch's last three rotate. Batches are random draws from the shuffled corpus, so neighbours are random
+    pairs, and a pair never straddles two micro-batches of even size: an optimiser step pairs the same
+    examples however it is split."""
+    if n < 2:
+        return derangement(n, torch.Generator())  # its error message
+    perm = torch.arange(n) ^ 1
+    if n % 2:
+        perm[-3:] = torch.tensor([n - 2, n - 1, n - 3])
+    return perm
+
+
 def eligible_positions(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None,
                        include_special_tokens: bool) -> torch.Tensor:
     """[B, T] bool: real (non-padding) tokens, without special tokens unless asked for."""
@@ -304,21 +317,31 @@ def _span(eligible: torch.Tensor, offset: torch.Tensor, length: torch.Tensor) ->
     return eligible & (rank >= offset[:, None]) & (rank < (offset + length)[:, None])
 
 
-def _uniform_int(high_inclusive: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(high_inclusive.shape, generator=generator, dtype=torch.float64)
+def _uniform_int(high_inclusive: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Integers uniform in [0, high] from uniforms ``u`` in [0, 1)."""
     return torch.minimum((u * (high_inclusive + 1)).long(), high_inclusive)
 
 
 def sample_plan(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None, generator: torch.Generator,
                 *, proportion: float = 0.3, include_special_tokens: bool = False, aligned: bool = False,
-                max_tokens: int | None = None) -> InterchangePlan:
+                max_tokens: int | None = None, keys: torch.Tensor | None = None) -> InterchangePlan:
     """Pair the batch with a derangement of itself and choose one span per example (see module doc).
 
-    All draws come from ``generator`` on the CPU, so a plan depends only on the seed and the masks."""
+    All draws come from ``generator`` on the CPU, so a plan depends only on the seed and the masks. With
+    ``keys`` (one integer per example, e.g. its position in the run's sample stream) the plan is the same
+    for an example whichever batch it is in: sources are ``partners`` and each example's offsets come from
+    its own generator, seeded by one draw of ``generator`` mixed with its key."""
     device = attention_mask.device
     eligible = eligible_positions(attention_mask, special_tokens_mask, include_special_tokens).cpu()
     batch = eligible.shape[0]
-    perm = derangement(batch, generator)
+    if keys is None:
+        perm = derangement(batch, generator)
+        u = torch.rand((2, batch), generator=generator, dtype=torch.float64)
+    else:
+        perm = partners(batch)
+        base = int(torch.randint(2**62, (1,), generator=generator))
+        u = torch.stack([torch.rand(2, generator=plan_generator(base, int(k)), dtype=torch.float64)
+                         for k in keys.tolist()], 1)
     src_eligible = eligible[perm]
     real = attention_mask.bool().sum(1).cpu()
     shorter = torch.minimum(real, real[perm])
@@ -331,8 +354,8 @@ def sample_plan(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor 
         eligible = src_eligible = eligible & src_eligible
     n_base, n_src = eligible.sum(1), src_eligible.sum(1)
     length = torch.minimum(length, torch.minimum(n_base, n_src))
-    base_offset = _uniform_int(n_base - length, generator)
-    src_offset = base_offset if aligned else _uniform_int(n_src - length, generator)
+    base_offset = _uniform_int(n_base - length, u[0])
+    src_offset = base_offset if aligned else _uniform_int(n_src - length, u[1])
     base_sel = _span(eligible, base_offset, length)
     src_sel = _span(src_eligible, src_offset, length)
     b_rows, b_cols = base_sel.nonzero(as_tuple=True)

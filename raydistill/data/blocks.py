@@ -84,32 +84,43 @@ class BatchSampler:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
         return self._perms[epoch]
 
-    def indices(self, step: int, micro: int) -> np.ndarray:
-        """Block indices for 1-based optimizer ``step`` and micro-step ``micro`` on this rank."""
+    def stream_positions(self, step: int, micro: int) -> np.ndarray:
+        """Positions in the run's stream of samples for 1-based optimizer ``step`` and micro-step ``micro`` on
+        this rank. An optimizer step covers ``batch_size x grad_accum x world_size`` consecutive positions,
+        micro-step by micro-step and rank by rank, so the same positions make up a step however it is split
+        over micro-batches and workers."""
         per_micro = self.batch_size * self.world_size
         start = ((step - 1) * self.grad_accum + micro) * per_micro + self.rank * self.batch_size
-        positions = np.arange(start, start + self.batch_size)
+        return np.arange(start, start + self.batch_size, dtype=np.int64)
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        """Block indices for 1-based optimizer ``step`` and micro-step ``micro`` on this rank."""
         n = len(self.blocks)
-        out = np.empty(self.batch_size, dtype=np.int64)
-        for i, pos in enumerate(positions):
-            out[i] = self._perm(int(pos // n))[pos % n]
-        return out
+        return np.array([self._perm(int(pos // n))[pos % n] for pos in self.stream_positions(step, micro)],
+                        dtype=np.int64)
 
     def batch(self, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
-        return self.make_batch(self.indices(step, micro), [self.seed, step, micro, self.rank])
+        positions = self.stream_positions(step, micro)
+        return self.make_batch(self.indices(step, micro), [[self.seed, step, int(p)] for p in positions], positions)
 
-    def make_batch(self, idx: np.ndarray, mask_seed: list[int]) -> dict[str, torch.Tensor]:
+    def make_batch(self, idx: np.ndarray, row_seeds: list[list[int]], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` with their targets. Each row's MLM masking is drawn from its own seed, and
+        ``sample_ids`` (the rows' stream positions) travel with the batch for objectives that key per-example
+        randomness on them: a sequence is masked the same way whichever micro-batch or worker it lands in."""
         ids = torch.from_numpy(self.blocks.ids[idx].astype(np.int64))
         lengths = torch.from_numpy(self.blocks.lengths[idx].astype(np.int64))
         attention = (torch.arange(ids.size(1))[None, :] < lengths[:, None]).long()
+        out = {"sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64))}
+        special = torch.isin(ids, torch.tensor(self.info.special_ids)) | ~attention.bool()
         if self.info.is_encoder:
-            special = torch.isin(ids, torch.tensor(self.info.special_ids)) | ~attention.bool()
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence(mask_seed).generate_state(1)[0]))
+            gens = [torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+                    for seed in row_seeds]
             inputs, labels = mask_tokens(ids, special, self.info.mask_id, self.info.vocab_size,
-                                         self.mlm_probability, gen)
-            return {"input_ids": inputs, "attention_mask": attention, "labels": labels,
+                                         self.mlm_probability, gens)
+            return {**out, "input_ids": inputs, "attention_mask": attention, "labels": labels,
                     "special_tokens_mask": special.long()}
-        return {"input_ids": ids, "attention_mask": attention, "labels": next_token_labels(ids, attention)}
+        return {**out, "input_ids": ids, "attention_mask": attention, "labels": next_token_labels(ids, attention),
+                "special_tokens_mask": special.long()}
 
     def eval_batches(self, num_batches: int, seed: int):
         """A fixed set of batches (this rank's share), identical at every evaluation.
@@ -120,5 +131,6 @@ class BatchSampler:
         per_round = self.world_size * self.batch_size
         for b in range(min(num_batches, -(-n // per_round))):
             start = b * per_round + self.rank * self.batch_size
-            idx = np.arange(start, start + self.batch_size) % n
-            yield self.make_batch(idx, [seed, b, self.rank])
+            positions = np.arange(start, start + self.batch_size, dtype=np.int64)
+            # Step 0 never trains: validation rows' seeds never collide with a training row's.
+            yield self.make_batch(positions % n, [[seed, 0, int(p)] for p in positions], positions)

@@ -204,10 +204,14 @@ def response_labels(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lengt
     return labels.masked_fill(~keep, IGNORE)
 
 
-def rows_to_batch(ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+def rows_to_batch(ids: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+                  special_ids: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """A batch of prompt + response rows; ``special_tokens_mask`` marks padding and the ``special_ids``
+    (BOS, EOS: what IIT spans skip unless ``include_special_tokens``)."""
     attention = (torch.arange(ids.size(1), device=ids.device)[None, :] < lengths[:, None]).long()
+    special = torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype, device=ids.device)) | ~attention.bool()
     return {"input_ids": ids, "attention_mask": attention, "labels": response_labels(ids, lengths, prompt_lengths),
-            "prompt_lengths": prompt_lengths}
+            "prompt_lengths": prompt_lengths, "special_tokens_mask": special.long()}
 
 
 class ResponseSampler(BatchSampler):
@@ -220,12 +224,13 @@ class ResponseSampler(BatchSampler):
             raise ValueError("prompt/response rows are for decoders")
         super().__init__(rows, info, **kwargs)
 
-    def make_batch(self, idx: np.ndarray, mask_seed: list[int]) -> dict[str, torch.Tensor]:
+    def make_batch(self, idx: np.ndarray, row_seeds: list[list[int]], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         rows = self.blocks
         width = int(rows.lengths[idx].max())  # trim the padding every row of this batch shares
-        return rows_to_batch(torch.from_numpy(rows.ids[idx, :width].astype(np.int64)),
-                             torch.from_numpy(rows.lengths[idx].astype(np.int64)),
-                             torch.from_numpy(rows.prompt_lengths[idx].astype(np.int64)))
+        batch = rows_to_batch(torch.from_numpy(rows.ids[idx, :width].astype(np.int64)),
+                              torch.from_numpy(rows.lengths[idx].astype(np.int64)),
+                              torch.from_numpy(rows.prompt_lengths[idx].astype(np.int64)), self.info.special_ids)
+        return {**batch, "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64))}
 
 
 def batch_prompts(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:

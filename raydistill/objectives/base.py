@@ -88,6 +88,12 @@ class Step:
     teacher_model: nn.Module | None
     info: ModelInfo
     extras: dict[str, Any] = field(default_factory=dict)
+    # Normalisation over the optimiser step, set by the training loop (``raydistill.train.step``): for each
+    # objective name, how many positions its term averages over in all micro-batches on all workers of the
+    # step (``Objective.positions`` summed); ``share``: this micro-batch's fraction of the step, 1 / (micro-
+    # batches x workers). Without them (tests, benchmarks, evaluation helpers) a step is its own batch.
+    counts: dict[str, torch.Tensor] | None = None
+    share: float = 1.0
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -119,9 +125,35 @@ class Objective(nn.Module, ABC):
     def needs(self) -> Needs:
         return Needs()
 
+    def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The B x T positions this objective's term averages over (default: the non-padding tokens). The
+        training loop counts them over every micro-batch and worker of an optimiser step before running it,
+        so that the term is one mean over the step whatever the split (see ``mean``); it must therefore be
+        a function of the batch alone."""
+        return batch["attention_mask"].bool()
+
+    def mean(self, step: Step, values: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """This micro-batch's share of the step's per-token mean: the sum of ``values`` (B x T) over ``where``
+        (default ``positions(step.batch)``; a subset of them, which then count as zero elsewhere) divided by
+        the objective's count for the whole optimiser step (``step.counts``), or for this batch when the step
+        has none. Summed over the step's micro-batches and workers, these shares are the mean over all the
+        step's positions, identical for any split of the same sequences (the transformers / TRL
+        ``num_items_in_batch`` rule)."""
+        if where is None:
+            where = self.positions(step.batch)
+        total = torch.where(where, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+        count = step.counts.get(self.name) if step.counts is not None else None
+        if count is None:
+            count = self.positions(step.batch).sum()
+        return total / count.to(total.dtype).clamp_min(1.0)
+
     @abstractmethod
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        """The loss terms of this step (see the class doc)."""
+        """The loss terms of this step (see the class doc).
+
+        Every returned value is this micro-batch's share of the step's value, so that the training loop sums
+        them over micro-batches and workers: token averages come from ``mean``; a value that is not a token
+        average (a per-example statistic) is scaled by ``step.share``."""
 
 
 def width_projection(info: ModelInfo) -> nn.Linear | None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raydistill.errors import ConfigError
 from raydistill.models.adapters import resolve_layer
 from raydistill.objectives import register
-from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean,
+from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step,
                                         width_projection)
 
 
@@ -44,12 +44,11 @@ class CosineLoss(Objective):
                      student_layers=frozenset(s for _, s in self.pairs))
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        mask = step.attention_mask.bool()
         terms = []
         for t, s in self.pairs:
             hs = step.student.hidden[s]
             if self.proj is not None:
                 hs = self.proj(hs)
             cos = F.cosine_similarity(hs.float(), step.teacher.hidden[t].float(), dim=-1, eps=1e-8)
-            terms.append(masked_mean(1.0 - cos, mask))
+            terms.append(self.mean(step, 1.0 - cos))
         return {self.name: torch.stack(terms).mean()}

@@ -19,9 +19,14 @@ The two objectives share one counterfactual computation per step (cached in ``st
 intervention settings are equal; ``share_intervention_settings`` lets the config give iit_cosine the
 settings of ``objectives.iit`` so that they are.
 
-Randomness. Pairing, spans and the sampled pair come from a CPU ``torch.Generator`` seeded with
-``step.extras['seed']`` (the worker's per-micro-step seed) mixed with a fixed salt; without a seed, from a
-hash of the batch's token ids. A resumed run therefore draws the same plans.
+Randomness. Pairing, spans and the sampled pair come from a CPU ``torch.Generator`` mixed with a fixed
+salt. In training, batches carry ``sample_ids`` (each example's position in the run's sample stream) and
+the step gives ``step.extras['step_seed']`` (one seed per optimiser step): examples are paired with their
+neighbour (``interventions.partners``), each draws its span offsets from its own key, and every micro-batch
+and worker of the step samples the same aligned pair, so a step's plans do not depend on how it is split
+over micro-batches (of even size) and workers. Otherwise the generator is seeded with ``step.extras['seed']``
+or, without one, a hash of the batch's token ids, and sources are a random derangement. Either way a resumed
+run draws the same plans.
 
 Block paths for architectures that need ``block_path`` are read from ``step.extras['student_block_path']``
 and ``step.extras['teacher_block_path']`` (None: auto-detected).
@@ -42,7 +47,7 @@ from raydistill.errors import ConfigError
 from raydistill.interventions import (InterchangePlan, changed_positions, counterfactual, model_inputs,
                                       plan_generator, read, sample_plan)
 from raydistill.objectives import register
-from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step, masked_mean,
+from raydistill.objectives.base import (ModelInfo, Needs, Objective, ObjectiveSettings, Step,
                                         width_projection)
 from raydistill.objectives.soft_kl import soft_kl
 
@@ -146,11 +151,15 @@ def run_counterfactuals(step: Step, pairs: list[LayerPair], settings: Interventi
     """The plan of this step and, for the pair(s) it uses, both models' counterfactual logits and last
     block outputs. Source block outputs and base prefixes come from the step's captured hidden states."""
     batch, info = step.batch, step.info
-    seed = step_seed(step)
-    gen = plan_generator(seed, _SALT)
+    keys = batch.get("sample_ids")
+    # Training batches carry their examples' stream positions: the plan and the sampled pair then come from
+    # the optimiser step's seed and each example's key, the same however the step is split.
+    keyed = keys is not None and "step_seed" in step.extras
+    gen = plan_generator(int(step.extras["step_seed"]) if keyed else step_seed(step), _SALT)
     plan = sample_plan(batch["attention_mask"], batch.get("special_tokens_mask"), gen,
                        proportion=settings.span_proportion, include_special_tokens=settings.include_special_tokens,
-                       aligned=settings.aligned_positions, max_tokens=settings.max_tokens)
+                       aligned=settings.aligned_positions, max_tokens=settings.max_tokens,
+                       keys=keys if keyed else None)
     if settings.pair_sampling == "all":
         chosen = pairs
     else:
@@ -174,7 +183,7 @@ def run_counterfactuals(step: Step, pairs: list[LayerPair], settings: Interventi
             step.student_model, inputs, plan.base, s_values, base_hidden=s_base, capture=[s_last],
             block_path=s_path, **_reuse_logits(step.student, plan, seq, pair.student, info.student_layers, info))
         results.append(PairResult(pair, t_logits, s_logits, t_cap[t_last], s_cap[s_last]))
-    return Counterfactuals(batch["input_ids"], seed, plan, results)
+    return Counterfactuals(batch["input_ids"], step_seed(step), plan, results)
 
 
 def _reuse_logits(out, plan: InterchangePlan, seq: int, lowest: int, blocks: int, info: ModelInfo) -> dict:
@@ -228,10 +237,10 @@ class IITLoss(_InterchangeObjective):
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         cf = self.counterfactuals(step)
-        mask = step.attention_mask.bool()
-        terms = [masked_mean(soft_kl(r.teacher_logits, r.student_logits, self.settings.temperature), mask)
+        terms = [self.mean(step, soft_kl(r.teacher_logits, r.student_logits, self.settings.temperature))
                  for r in cf.results]
-        return {self.name: torch.stack(terms).mean(), f"{self.name}/span_tokens": cf.plan.span_length.float().mean()}
+        return {self.name: torch.stack(terms).mean(),
+                f"{self.name}/span_tokens": cf.plan.span_length.float().mean() * step.share}
 
 
 @register
@@ -252,10 +261,9 @@ class IITCosineLoss(_InterchangeObjective):
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         cf = self.counterfactuals(step)
-        mask = step.attention_mask.bool()
         terms = []
         for r in cf.results:
             hs = r.student_last if self.proj is None else self.proj(r.student_last)
             cos = F.cosine_similarity(hs.float(), r.teacher_last.float(), dim=-1, eps=1e-8)
-            terms.append(masked_mean(1.0 - cos, mask))
+            terms.append(self.mean(step, 1.0 - cos))
         return {self.name: torch.stack(terms).mean()}

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from raydistill.objectives import register
-from raydistill.objectives.base import Needs, Objective, ObjectiveSettings, Step, masked_mean
+from raydistill.objectives.base import Needs, Objective, ObjectiveSettings, Step
 from raydistill.objectives.soft_kl import soft_kl
 
 
@@ -23,9 +23,10 @@ class KDLoss(Objective):
     def needs(self) -> Needs:
         return Needs(teacher_logits=True, student_logits=True)
 
+    def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"].bool()
+        return mask & (batch["labels"] != -100) if self.settings.masked_only else mask
+
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         kl = soft_kl(step.teacher.logits, step.student.logits, self.settings.temperature)
-        mask = step.attention_mask.bool()
-        if self.settings.masked_only:
-            mask = mask & (step.batch["labels"] != -100)
-        return {self.name: masked_mean(kl, mask)}
+        return {self.name: self.mean(step, kl)}

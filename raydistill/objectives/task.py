@@ -19,10 +19,12 @@ class TaskLoss(Objective):
     def needs(self) -> Needs:
         return Needs(student_logits=True)
 
+    def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"] != -100
+
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         logits = step.student.logits
         labels = step.batch["labels"]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
-        if not torch.isfinite(loss):  # no labelled position in this micro-batch
-            loss = logits.sum() * 0.0
-        return {self.name: loss}
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                             reduction="none")
+        return {self.name: self.mean(step, ce.view(labels.shape))}

@@ -1,6 +1,16 @@
 """One distillation step: the forward passes the active objectives ask for, then their weighted sum.
 
-Nothing here knows which objectives are active: each declares ``needs()`` and the step provides it."""
+Nothing here knows which objectives are active: each declares ``needs()`` and the step provides it.
+
+Normalisation. An optimiser step runs several micro-batches on several workers, and every token-averaged
+term must be one mean over all of them, not a mean of per-micro-batch means (which weights a token by the
+inverse of its micro-batch's count). ``DistillModule.counts`` gives, for a micro-batch, how many positions
+each objective averages over (``Objective.positions``); the training loop sums them over the step's micro-
+batches and workers before running it and passes the totals to ``forward`` (``counts``), with the micro-
+batch's ``share`` of the step. Each term and log value is then this micro-batch's share of the step's
+value: their sum over micro-batches and workers is the step's mean. The loop scales the loss it hands to
+DeepSpeed by micro-batches x workers, which DeepSpeed's own averaging (over gradient accumulation and data-
+parallel ranks) divides out again, so the gradient is that of the step's mean."""
 
 from __future__ import annotations
 
@@ -50,19 +60,36 @@ class DistillModule(nn.Module):
         self.needs = _needs(self.objectives)
         self.stream_needs = {name: _needs(objs) for name, objs in self.streams.items()}
 
+    def counts(self, batch: dict[str, torch.Tensor],
+               streams: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """Per objective (``name``, or ``stream/name`` for a stream's), the positions it averages over in
+        this micro-batch, as float32 scalars on the batch's device (see the module doc)."""
+        out = {name: obj.positions(batch).sum().float() for name, obj in self.objectives.items()}
+        for stream, stream_batch in (streams or {}).items():
+            out.update({f"{stream}/{name}": obj.positions(stream_batch).sum().float()
+                        for name, obj in self.streams[stream].items()})
+        return out
+
     def forward(self, batch: dict[str, torch.Tensor], teacher: nn.Module | None = None,
-                extras: dict | None = None, streams: dict[str, dict[str, torch.Tensor]] | None = None
+                extras: dict | None = None, streams: dict[str, dict[str, torch.Tensor]] | None = None,
+                counts: dict[str, torch.Tensor] | None = None, share: float = 1.0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, logs = self._run(batch, self.objectives, self.needs, teacher, extras)
+        """The weighted loss and the logged values of one micro-batch. ``counts`` (from ``counts`` summed over
+        the optimiser step) and ``share`` normalise over the step; without them the micro-batch is the step."""
+        total, logs = self._run(batch, self.objectives, self.needs, teacher, extras, counts, share)
         for name, stream_batch in (streams or {}).items():
-            loss, terms = self._run(stream_batch, self.streams[name], self.stream_needs[name], teacher, extras)
+            mine = None if counts is None else {k[len(name) + 1:]: v for k, v in counts.items()
+                                                if k.startswith(f"{name}/")}
+            loss, terms = self._run(stream_batch, self.streams[name], self.stream_needs[name], teacher, extras,
+                                    mine, share)
             total = total + loss
             logs.update({f"{name}/{k}": v for k, v in terms.items()})
         logs["loss"] = total.detach()
         return total, logs
 
     def _run(self, batch: dict[str, torch.Tensor], objectives: nn.ModuleDict, needs: Needs,
-             teacher: nn.Module | None, extras: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             teacher: nn.Module | None, extras: dict | None, counts: dict[str, torch.Tensor] | None,
+             share: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path,
                                 needs.student_logits, needs.student_head)
         teacher_out = None
@@ -77,7 +104,8 @@ class DistillModule(nn.Module):
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,
-                            "teacher_block_path": self.teacher_block_path, **(extras or {})})
+                            "teacher_block_path": self.teacher_block_path, **(extras or {})},
+                    counts=counts, share=share)
         logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["input_ids"].device)
         for name, objective in objectives.items():

@@ -215,8 +215,10 @@ class Worker:
             generate_kwargs=spec.on_policy.generate_kwargs(spec.max_response_tokens), batch_size=len(prompts),
             seed=_step_seed(self.cfg.train.seed, step, micro, self.rank, 1), device=self.device)
         rows = build_sequences(prompts, responses, tok.pad_token_id)
-        return rows_to_batch(*(torch.from_numpy(a.astype(np.int64)) for a in (rows.ids, rows.lengths,
-                                                                              rows.prompt_lengths)))
+        new = rows_to_batch(*(torch.from_numpy(a.astype(np.int64)) for a in (rows.ids, rows.lengths,
+                                                                             rows.prompt_lengths)),
+                            special_ids=self.plan.token_info.special_ids)
+        return {**new, "sample_ids": batch["sample_ids"]}
 
     def resume(self) -> int:
         """Load the latest checkpoint Ray Train hands back (after a failure or a rerun); return its step."""
@@ -234,34 +236,60 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------- loop
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        """One optimiser step over ``grad_accum`` micro-batches; the logged values are the step's means over
+        all micro-batches and workers (see ``raydistill.train.step``)."""
         t = self.cfg.train
+        micro_batches = []
+        for micro in range(t.grad_accum):
+            batch = self.train_data.batch(step, micro)
+            student_batch = self.on_policy(batch, step, micro)  # before any forward: counts need every batch
+            micro_batches.append((_to(batch if student_batch is None else student_batch, self.device),
+                                  {name: _to(data[0].batch(step, micro), self.device)
+                                   for name, data in self.stream_data.items()}, student_batch is not None))
+        counts = self._step_counts([(batch, streams) for batch, streams, _ in micro_batches])
+        share = 1.0 / (t.grad_accum * self.world)
+        on_policy = self.plan.prompts is not None and self.plan.prompts.spec.on_policy.probability > 0
+        # Randomness keyed per example (IIT's plans, MLM masking) uses the step's seed, not the micro-batch's,
+        # so it does not depend on how the step is split.
+        extras = {"step": step, "step_seed": _step_seed(t.seed, step)}
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(t.grad_accum):
+        for micro, (batch, streams, generated) in enumerate(micro_batches):
             # Dropout and objective randomness are a function of the step: resumes replay exactly.
             seed = _step_seed(t.seed, step, micro, self.rank)
-            batch = self.train_data.batch(step, micro)
-            student_batch = self.on_policy(batch, step, micro)
-            batch = _to(batch if student_batch is None else student_batch, self.device)
-            streams = {name: _to(data[0].batch(step, micro), self.device) for name, data in self.stream_data.items()}
             torch.manual_seed(seed)
-            loss, logs = self.engine(batch, self.teacher, {"seed": seed, "step": step}, streams=streams)
-            self.engine.backward(loss)
+            loss, logs = self.engine(batch, self.teacher, {**extras, "seed": seed}, streams=streams, counts=counts,
+                                     share=share)
+            # ``loss`` is this micro-batch's share of the step's loss; DeepSpeed divides the gradient by the
+            # micro-batches and averages it over workers, which this factor undoes.
+            self.engine.backward(loss / share)
             self.engine.step()
             tokens += int(batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum()) for b in streams.values())
-            if self.plan.prompts is not None and self.plan.prompts.spec.on_policy.probability > 0:
-                logs["on_policy"] = torch.tensor(float(student_batch is not None))
+            if on_policy:
+                logs["on_policy"] = torch.tensor(float(generated) * share)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-        means = {k: v / t.grad_accum for k, v in sums.items()}
-        return self._all_reduce_mean(means), tokens * self.world
+        return self._all_reduce_sum(sums), tokens * self.world
 
-    def _all_reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _step_counts(self, micro_batches: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+        """Each objective's positions summed over the given (batch, streams) micro-batches and all workers."""
+        totals: dict[str, torch.Tensor] = {}
+        for batch, streams in micro_batches:
+            for k, v in self.engine.module.counts(batch, streams).items():
+                totals[k] = totals.get(k, 0.0) + v
+        keys = sorted(totals)
+        if not keys:
+            return {}
+        vec = torch.stack([totals[k] for k in keys]).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(vec)
+        return dict(zip(keys, vec))
+
+    def _all_reduce_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(values)
         vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float32) for k in keys]).to(self.device)
         if self.world > 1:
             dist.all_reduce(vec)
-            vec /= self.world
         return dict(zip(keys, vec.tolist()))
 
     @torch.no_grad()
@@ -274,21 +302,23 @@ class Worker:
         return out
 
     def _validation_losses(self) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
-        module = self.engine.module
+        """Every term as one mean over all validation batches of all ranks, like a training step's."""
+        module, t = self.engine.module, self.cfg.train
+        batches = [_to(b, self.device) for b in self.val_data.eval_batches(t.eval_batches, seed=t.seed)]
+        stream_batches = {name: [_to(b, self.device) for b in data[1].eval_batches(t.eval_batches, seed=t.seed)]
+                          for name, data in self.stream_data.items()}
+        items = [(batch, {name: sb[n % len(sb)] for name, sb in stream_batches.items()})
+                 for n, batch in enumerate(batches)]
+        counts = self._step_counts(items)
+        share = 1.0 / (len(items) * self.world)
         sums: dict[str, torch.Tensor] = {}
         ce_sum = torch.zeros((), device=self.device)
         ce_count = torch.zeros((), device=self.device)
-        n = 0
-        batches = [_to(b, self.device)
-                   for b in self.val_data.eval_batches(self.cfg.train.eval_batches, seed=self.cfg.train.seed)]
-        stream_batches = {name: [_to(b, self.device) for b in data[1].eval_batches(self.cfg.train.eval_batches,
-                                                                                   seed=self.cfg.train.seed)]
-                          for name, data in self.stream_data.items()}
-        for batch in batches:
-            torch.manual_seed(_step_seed(self.cfg.train.seed, n))
-            streams = {name: sb[n % len(sb)] for name, sb in stream_batches.items()}
-            _, logs = self.engine(batch, self.teacher, {"seed": _step_seed(self.cfg.train.seed, n), "step": 0},
-                                  streams=streams)
+        for n, (batch, streams) in enumerate(items):
+            seed = _step_seed(t.seed, n)
+            torch.manual_seed(seed)
+            _, logs = self.engine(batch, self.teacher, {"seed": seed, "step": 0, "step_seed": _step_seed(t.seed, 0)},
+                                  streams=streams, counts=counts, share=share)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             logits = module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -296,8 +326,7 @@ class Worker:
             ce_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                         ignore_index=-100, reduction="sum")
             ce_count += (labels != -100).sum()
-            n += 1
-        out = self._all_reduce_mean({f"val/{k}": v / max(n, 1) for k, v in sums.items()})
+        out = self._all_reduce_sum({f"val/{k}": v for k, v in sums.items()})
         totals = torch.stack([ce_sum, ce_count.float()])
         if self.world > 1:
             dist.all_reduce(totals)
