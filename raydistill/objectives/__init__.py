@@ -21,7 +21,7 @@ def build_objectives(active: dict[str, ObjectiveSettings], info: ModelInfo) -> d
 
 
 # Importing the modules registers them.
-from raydistill.objectives import cosine, iit, kd, task, td  # noqa: E402,F401
+from raydistill.objectives import cosine, iit, jsd, kd, reverse_kl, skew_kl, task, td, tvd  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "register", "build_objectives", "Objective", "ObjectiveSettings", "Needs", "ModelInfo",
            "Step", "ForwardResult"]
