@@ -102,3 +102,40 @@ def test_tokenizer_is_trained_once_and_cached(tmp_path):
     assert again.get_vocab() == tok.get_vocab()
     bpe = cached_tokenizer(tmp_path, {"k": 1}, texts, "bpe", 300)
     assert bpe.pad_token == "<pad>" and bpe.decode(bpe("the cat")["input_ids"]) == "the cat"
+
+
+def test_a_sequence_is_masked_alike_in_any_micro_batch_or_worker():
+    """MLM masking is drawn per row from the row's stream position: the same sequences split over micro-batches
+    or workers get the same targets (the split-invariance contract of tests/test_normalisation.py)."""
+    blocks = Blocks(np.arange(40 * 12, dtype=np.int64).reshape(40, 12) % 300 + 10, np.full(40, 12, dtype=np.int32))
+    info = TokenInfo(is_encoder=True, vocab_size=400, pad_id=0, mask_id=3, special_ids=(0, 1, 2))
+    one = BatchSampler(blocks, info, batch_size=4, grad_accum=1, rank=0, world_size=1, seed=5).batch(2, 0)
+    micro = BatchSampler(blocks, info, batch_size=2, grad_accum=2, rank=0, world_size=1, seed=5)
+    ranks = [BatchSampler(blocks, info, batch_size=2, grad_accum=1, rank=r, world_size=2, seed=5) for r in (0, 1)]
+    for parts in ([micro.batch(2, 0), micro.batch(2, 1)], [ranks[0].batch(2), ranks[1].batch(2)]):
+        for key in ("input_ids", "labels", "sample_ids"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), one[key]), key
+    assert one["sample_ids"].tolist() == [4, 5, 6, 7]
+
+
+def test_decoder_batches_mark_bos_eos_so_iit_spans_skip_them():
+    from raydistill.interventions import plan_generator, sample_plan
+
+    bos = eos = 2
+    docs = [list(range(10, 10 + n)) for n in (3, 5, 2, 7, 4, 6, 3, 5)]
+    blocks = pack(docs * 4, 16, pad_id=0, bos_id=bos, eos_id=eos)
+    info = TokenInfo(is_encoder=False, vocab_size=100, pad_id=0, mask_id=None, special_ids=(0, bos))
+    batch = BatchSampler(blocks, info, batch_size=len(blocks), grad_accum=1, rank=0, world_size=1, seed=0).batch(1)
+    special = batch["special_tokens_mask"].bool()
+    assert torch.equal(special, (batch["input_ids"] == eos) | ~batch["attention_mask"].bool())
+    assert special.any()
+    hits = 0
+    for seed in range(50):
+        plan = sample_plan(batch["attention_mask"], batch["special_tokens_mask"], plan_generator(seed, 1),
+                           proportion=0.5)
+        assert not special[plan.base.rows, plan.base.cols].any()
+        assert not special[plan.source.rows, plan.source.cols].any()
+        with_special = sample_plan(batch["attention_mask"], batch["special_tokens_mask"], plan_generator(seed, 1),
+                                   proportion=0.5, include_special_tokens=True)
+        hits += int(special[with_special.base.rows, with_special.base.cols].any())
+    assert hits > 0  # include_special_tokens: true lets them in

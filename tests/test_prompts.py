@@ -50,6 +50,9 @@ def test_labels_only_on_response_tokens_and_eos():
     assert batch["labels"].tolist() == [[x, x, 20, 21, 0, x], [22, 0, x, x, x, x]]
     assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
     assert [p.tolist() for p in batch_prompts(batch)] == [[10, 11, 12], [13]]
+    # EOS (id 0 here) and padding are special: IIT spans skip them unless include_special_tokens.
+    special = rows_to_batch(*(torch.from_numpy(a.astype(np.int64)) for a in arrays), special_ids=(0,))
+    assert special["special_tokens_mask"].tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1]]
 
 
 def test_response_labels_match_next_token_labels_when_the_prompt_is_one_token():

@@ -8,7 +8,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-HEADLINE = ("loss", "task", "kd", "cosine", "iit", "td")
+HEADLINE = ("loss", "task", "kd", "cosine", "iit", "td", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
 def _headline(key: str) -> bool:
