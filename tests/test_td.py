@@ -1,6 +1,9 @@
-"""``td``: the sanity property, a hand-computed loss, the gathered computation against a dense B x T x V
-reference, action sets, transitions, configuration, and a smoke run of ``raydistill bench td``."""
+"""``td``: the paper's equations against an independent float64 reference over the full vocabulary (loss and
+gradients, both heads paths), the sanity property, hand-computed cases, the vocabulary argmax search,
+bf16 accumulation, memory bounds, action sets, transitions, normalisation, configuration, and a smoke run
+of ``raydistill bench td``."""
 
+import itertools
 import math
 
 import pytest
@@ -26,13 +29,21 @@ def identity_head(vocab, dtype=torch.float32):
     return head.requires_grad_(False)
 
 
-def make_step(student, teacher, labels, info=INFO):
+def make_step(student, teacher, labels, info=INFO, counts=None, share=1.0):
     """The student's logits both as logits and as the input of an identity output head, so the fused-head
     path (the default) and the gather-from-logits path see the same values and give ``student`` its gradient."""
     batch = {"attention_mask": torch.ones_like(labels), "labels": labels}
     head = HeadInput(student, identity_head(student.size(-1), student.dtype))
     return Step(batch=batch, student=ForwardResult(student, head=head), teacher=ForwardResult(teacher),
-                student_model=None, teacher_model=None, info=info)
+                student_model=None, teacher_model=None, info=info, counts=counts, share=share)
+
+
+def head_step(hidden, head, teacher, labels, info=INFO):
+    """A step whose student is a hidden state and an output head: the fused path reads them, the other path
+    the head's full logits."""
+    batch = {"attention_mask": torch.ones_like(labels), "labels": labels}
+    return Step(batch=batch, student=ForwardResult(head(hidden), head=HeadInput(hidden, head)),
+                teacher=ForwardResult(teacher), student_model=None, teacher_model=None, info=info)
 
 
 def td(info=INFO, **settings):
@@ -56,17 +67,112 @@ def random_case(seed=0, B=3, T=9, vocab=V):
     return student, teacher, labels
 
 
+def phi(x, alpha=0.1):
+    return x - x * x / (4 * alpha)
+
+
+# ------------------------------------------------------------------------------------------- the paper, float64
+def paper_member(teacher, s):
+    """A(s) as a B x T x V mask, from the definitions: top-k = the k tokens with the fewest strictly more
+    likely ones; nucleus = the tokens whose strictly more likely ones carry mass < p, at most max_k."""
+    t = teacher.double()
+    rank = (t.unsqueeze(-1) < t.unsqueeze(-2)).sum(-1)  # tokens strictly more likely (no ties in random data)
+    if s.action_space.kind == "top_k":
+        return rank < s.action_space.k
+    probs = t.softmax(-1)
+    mass_before = (probs.unsqueeze(-2) * (t.unsqueeze(-2) > t.unsqueeze(-1))).sum(-1)
+    return (mass_before < s.action_space.p) & (rank < s.action_space.max_k)
+
+
+def paper_loss(z, teacher, labels, s):
+    """The paper's loss written directly from its equations over the full vocabulary, in float64:
+    Q(s, .) = clip(z/tau - max_{a in V} z(s, a)/tau, q_min) restricted to A(s) (-inf outside),
+    V(s) = logsumexp_{A(s)} Q, L = sum over kept transitions of -phi(Q(s_t, a_t) - gamma V(s_{t+1}))
+    + V(s_t) - gamma V(s_{t+1}), divided by the number of labelled positions; V = 0 after the last one.
+    ``s.shift == 'action_set'``: the max over A(s) instead (the documented deviation)."""
+    B, T, vocab = z.shape
+    z = z.double() / s.temperature
+    member = paper_member(teacher, s)
+    labelled = labels != -100
+    expert = F.one_hot(labels.clamp_min(0), vocab).bool() & labelled.unsqueeze(-1)
+    in_set = (member & expert).any(-1)
+    if s.expert == "include":
+        member = member | expert
+    if s.shift == "vocab":
+        top = z.amax(-1, keepdim=True)
+    else:
+        top = z.masked_fill(~member, float("-inf")).amax(-1, keepdim=True)
+    q = z - top
+    if s.q_min is not None:
+        q = q.clamp_min(s.q_min)
+    q = q.masked_fill(~member, float("-inf"))
+    value = q.logsumexp(-1)
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not labelled[b, t] or (s.expert == "skip" and not in_set[b, t]):
+                continue
+            nxt = value[b, t + 1] if t + 1 < T and labelled[b, t + 1] else 0.0
+            x = q[b, t, labels[b, t]] - s.gamma * nxt
+            total = total - (phi(x, s.alpha) if s.alpha is not None else x) + value[b, t] - s.gamma * nxt
+    return total / max(int(labelled.sum()), 1)
+
+
 # ------------------------------------------------------------------------------------------- the sanity property
-def test_gamma_zero_full_vocabulary_is_cross_entropy():
+@pytest.mark.parametrize("fused_head", [True, False])
+@pytest.mark.parametrize("shift", ["vocab", "action_set"])
+def test_gamma_zero_full_vocabulary_is_cross_entropy(shift, fused_head):
     student, teacher, labels = random_case()
-    loss = td_loss(student, teacher, labels, action_space={"k": V}, gamma=0.0, alpha=None, q_min=None)
+    loss = td_loss(student, teacher, labels, action_space={"k": V}, gamma=0.0, alpha=None, q_min=None,
+                   shift=shift, fused_head=fused_head)
     ce = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
     assert loss.item() == pytest.approx(ce.item(), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- by hand
+def minimal_case(shift, fused_head):
+    """tau = 1, alpha = 0.1, no clip, one terminal transition, A(s) = teacher top-2 = {0, 1}, expert 0,
+    student logits [0, 0, 5]."""
+    z = torch.tensor([[[0.0, 0.0, 5.0]]], requires_grad=True)
+    teacher = torch.tensor([[[2.0, 1.0, 0.0]]])
+    labels = torch.tensor([[0]])
+    info = ModelInfo(False, 3, 2, 3, 4, 4)
+    out = td(info, action_space={"k": 2}, alpha=0.1, q_min=None, gamma=0.7, temperature=1.0, shift=shift,
+             fused_head=fused_head)(make_step(z, teacher, labels, info))
+    out["td"].backward()
+    return out, z.grad.view(-1)
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_minimal_case_by_hand(fused_head):
+    # The paper: Q = [0, 0, 5] - 5 = [-5, -5, .] on A = {0, 1}; V = log(2 e^-5) = -5 + log 2; x = Q(s, 0) = -5
+    # (terminal); phi(-5) = -5 - 25/0.4 = -67.5; L = 67.5 + (-5 + log 2) = 62.5 + log 2 = 63.193.
+    # dL/dQ(0) = -phi'(-5) + pi(0) = -(1 + 5/0.2) + 0.5 = -25.5, dL/dQ(1) = 0.5; both Q's subtract z[2], which
+    # gets -(-25.5 + 0.5) = 25.
+    out, grad = minimal_case("vocab", fused_head)
+    assert out["td"].item() == pytest.approx(62.5 + math.log(2), abs=1e-4)
+    assert out["td"].item() == pytest.approx(63.19, abs=5e-3)
+    torch.testing.assert_close(grad, torch.tensor([-25.5, 0.5, 25.0]))
+    assert out["td/argmax_in_set"].item() == 0.0
+    # The deviation: Q measured from the set's best token: Q = [0, 0]; x = 0, phi = 0; L = V = log 2; the
+    # gradient is that of the cross-entropy over A(s), and token 2 (outside A) gets nothing.
+    out, grad = minimal_case("action_set", fused_head)
+    assert out["td"].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out["td"].item() == pytest.approx(0.693, abs=5e-4)
+    torch.testing.assert_close(grad, torch.tensor([-0.5, 0.5, 0.0]))
+    # And the reference implementation agrees with both.
+    for shift, want in (("vocab", 62.5 + math.log(2)), ("action_set", math.log(2))):
+        s = REGISTRY["td"].Settings(action_space={"k": 2}, alpha=0.1, q_min=None, shift=shift)
+        z = torch.tensor([[[0.0, 0.0, 5.0]]], dtype=torch.float64, requires_grad=True)
+        ref = paper_loss(z, torch.tensor([[[2.0, 1.0, 0.0]]]), torch.tensor([[0]]), s)
+        ref.backward()
+        assert ref.item() == pytest.approx(want, abs=1e-12)
+        torch.testing.assert_close(z.grad.view(-1).float(), minimal_case(shift, fused_head)[1])
+
+
 def test_hand_computed_two_steps():
     # Vocabulary of 5, k = 2, gamma = 0.9, alpha = 0.1 (phi(x) = x - x^2/0.4), tau = 1, no clipping reached.
+    # Each row's largest student logit is in A'(s), so both shifts agree here.
     teacher = torch.tensor([[[3.0, 2.0, 1.0, 0.0, -1.0],    # A(s0) = {0, 1}
                              [0.0, 1.0, 4.0, 3.0, 2.0],     # A(s1) = {2, 3}
                              [0.0, 0.0, 0.0, 0.0, 0.0]]])   # unlabelled: never read
@@ -76,21 +182,20 @@ def test_hand_computed_two_steps():
     labels = torch.tensor([[1, 4, -100]])  # a0 = 1 (in A(s0)); a1 = 4 (outside A(s1)); s2 terminal for t=1
     info = ModelInfo(False, 5, 2, 4, 4, 4)
 
-    def phi(x):
-        return x - x * x / 0.4
-
     # include: A'(s0) = {0, 1}: Q = [1-2, 2-2] = [-1, 0]; V0 = log(e^-1 + 1); Q(s0, a0) = 0.
     #          A'(s1) = {2, 3, 4}: Q = [1-3, 3-3, 2-3] = [-2, 0, -1]; V1 = log(e^-2 + 1 + e^-1); Q(s1, a1) = -1.
     v0 = math.log(math.exp(-1) + 1)
     v1 = math.log(math.exp(-2) + 1 + math.exp(-1))
     x0, x1 = 0.0 - 0.9 * v1, -1.0 - 0.0  # t=1's next state is terminal
     expected = -(phi(x0) + phi(x1)) / 2 + ((v0 - 0.9 * v1) + (v1 - 0.0)) / 2
-    got = td_loss(student, teacher, labels, info, action_space={"k": 2}, gamma=0.9, alpha=0.1)
-    assert got.item() == pytest.approx(expected, abs=1e-5)
+    for shift in ("vocab", "action_set"):
+        got = td_loss(student, teacher, labels, info, action_space={"k": 2}, gamma=0.9, alpha=0.1, shift=shift)
+        assert got.item() == pytest.approx(expected, abs=1e-5)
 
-    # skip: A(s1) = {2, 3}: Q = [-2, 0]; V1 = log(e^-2 + 1); t=1 drops its phi term but keeps its value term.
+    # skip: A(s1) = {2, 3}: Q = [-2, 0]; V1 = log(e^-2 + 1). t=1's expert is outside A(s1): its whole transition
+    # is dropped (no phi term, no V1 - 0 term), but s1 stays t=0's next state and the divisor stays 2.
     v1s = math.log(math.exp(-2) + 1)
-    expected_skip = -phi(-0.9 * v1s) + ((v0 - 0.9 * v1s) + v1s) / 2
+    expected_skip = (-phi(-0.9 * v1s) + (v0 - 0.9 * v1s)) / 2
     got = td_loss(student, teacher, labels, info, action_space={"k": 2}, gamma=0.9, alpha=0.1, expert="skip")
     assert got.item() == pytest.approx(expected_skip, abs=1e-5)
 
@@ -101,63 +206,87 @@ def test_hand_computed_two_steps():
     assert got.item() == pytest.approx(expected_clip, abs=1e-5)
 
 
-# ------------------------------------------------------------------------------------------- dense reference
-def dense_reference(student, teacher, labels, s):
-    """The objective written directly on B x T x V tensors with a membership mask, and its transitions as
-    explicit loops over positions."""
-    B, T, vocab = student.shape
-    t = teacher.float()
-    rank = (t.unsqueeze(-1) < t.unsqueeze(-2)).sum(-1)  # tokens strictly more likely (no ties in random data)
-    if s.action_space.kind == "top_k":
-        member = rank < s.action_space.k
-    else:
-        probs = t.softmax(-1)
-        mass_before = (probs.unsqueeze(-2) * (t.unsqueeze(-2) > t.unsqueeze(-1))).sum(-1)
-        member = (mass_before < s.action_space.p) & (rank < s.action_space.max_k)
-    labelled = labels != -100
-    expert = F.one_hot(labels.clamp_min(0), vocab).bool() & labelled.unsqueeze(-1)
-    in_set = (member & expert).any(-1)
-    if s.expert == "include":
-        member = member | expert
-    z = student / s.temperature
-    q_all = z - z.masked_fill(~member, float("-inf")).amax(-1, keepdim=True)
-    if s.q_min is not None:
-        q_all = q_all.clamp_min(s.q_min)
-    value = q_all.masked_fill(~member, float("-inf")).logsumexp(-1)
-    q_expert = q_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    phi_terms, value_terms = [], []
-    for b in range(B):
-        for i in range(T):
-            if not labelled[b, i]:
-                continue
-            nxt = value[b, i + 1] if i + 1 < T and labelled[b, i + 1] else torch.tensor(0.0)
-            value_terms.append(value[b, i] - s.gamma * nxt)
-            if s.expert == "include" or in_set[b, i]:
-                x = q_expert[b, i] - s.gamma * nxt
-                phi_terms.append(x - x * x / (4 * s.alpha) if s.alpha is not None else x)
-    return -torch.stack(phi_terms).mean() + torch.stack(value_terms).mean()
+# ------------------------------------------------------------------------------------------- against the reference
+SPACES = {"top_k": {"kind": "top_k", "k": 3}, "top_p": {"kind": "top_p", "p": 0.6, "max_k": 5}}
+REGULARISERS = {"clip+chi2": dict(q_min=-1.0, alpha=0.1), "clip": dict(q_min=-1.0, alpha=None),
+                "chi2": dict(q_min=None, alpha=0.1), "none": dict(q_min=None, alpha=None)}
+GRID = list(itertools.product(["vocab", "action_set"], SPACES, ["include", "skip"], REGULARISERS))
 
 
-@pytest.mark.parametrize("fused_head", [True, False])
-@pytest.mark.parametrize("settings", [
-    dict(action_space={"kind": "top_k", "k": 3}),
-    dict(action_space={"kind": "top_k", "k": 3}, expert="skip", chunk_size=2),
-    dict(action_space={"kind": "top_p", "p": 0.6, "max_k": 5}, chunk_size=4),
-    dict(action_space={"kind": "top_p", "p": 0.9, "max_k": 4}, expert="skip"),
-    dict(action_space={"kind": "top_k", "k": 4}, q_min=-1.0, temperature=2.0, chunk_size=1),
-    dict(action_space={"kind": "top_p", "p": 0.5}, q_min=None, alpha=None, gamma=0.5),
-])
-def test_gathered_equals_dense_reference(settings, fused_head):
+def grid_settings(shift, space, expert, regulariser):
+    return dict(shift=shift, action_space=SPACES[space], expert=expert, gamma=0.9, **REGULARISERS[regulariser],
+                temperature=1.5 if space == "top_p" else 1.0, chunk_size=2 if expert == "skip" else None)
+
+
+@pytest.mark.parametrize("shift, space, expert, regulariser", GRID)
+def test_logits_path_equals_the_paper(shift, space, expert, regulariser):
+    """fused_head: false against the float64 reference: loss and gradient w.r.t. the logits."""
+    settings = grid_settings(shift, space, expert, regulariser)
     student, teacher, labels = random_case(seed=3)
-    s = REGISTRY["td"].Settings(**settings)
     a = student.clone().requires_grad_(True)
-    b = student.clone().requires_grad_(True)
-    got = td(**settings, fused_head=fused_head)(make_step(a, teacher, labels))["td"]
-    want = dense_reference(b, teacher, labels, s)
+    b = student.double().requires_grad_(True)
+    got = td(**settings, fused_head=False)(make_step(a, teacher, labels))["td"]
+    want = paper_loss(b, teacher, labels, REGISTRY["td"].Settings(**settings))
     got.backward()
     want.backward()
-    assert got.item() == pytest.approx(want.item(), abs=1e-5)
-    torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(a.grad, b.grad.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shift, space, expert, regulariser", GRID)
+def test_fused_head_equals_the_paper(shift, space, expert, regulariser, monkeypatch):
+    """fused_head: true (the default) against the float64 reference on the head's full logits: loss and
+    gradients w.r.t. the hidden state, the head's weight and its bias; the vocabulary argmax search works
+    in blocks of a few positions and vocabulary rows."""
+    from raydistill.objectives import head_columns as hc
+
+    monkeypatch.setattr(hc, "_SEARCH_ELEMENTS", 24)
+    monkeypatch.setattr(hc, "_SEARCH_ROWS", 4)  # 4 positions x 6 vocabulary rows per block
+    settings = grid_settings(shift, space, expert, regulariser)
+    _, teacher, labels = random_case(seed=4)
+    head = random_head(V, 6, bias=expert == "skip", seed=5)
+    hidden = torch.randn(*labels.shape, 6, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    ref_w = head.weight.detach().double().requires_grad_(True)
+    ref_b = head.bias.detach().double().requires_grad_(True) if head.bias is not None else None
+    ref_h = hidden.detach().double().requires_grad_(True)
+    got = td(**settings)(head_step(hidden, head, teacher, labels))["td"]
+    z = ref_h @ ref_w.T + (ref_b if ref_b is not None else 0.0)
+    want = paper_loss(z, teacher, labels, REGISTRY["td"].Settings(**settings))
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_h.grad.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.weight.grad, ref_w.grad.float(), atol=1e-5, rtol=1e-4)
+    if ref_b is not None:
+        torch.testing.assert_close(head.bias.grad, ref_b.grad.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_reference_grid_can_tell_the_variants_apart():
+    """The data of the grid exercises what distinguishes the settings: the student's vocabulary argmax lies
+    outside A'(s) at some labelled positions, the clip binds inside the set, experts fall outside A(s) (so
+    skip drops transitions), and the two shifts differ exactly where clip or chi^2 is active."""
+    student, teacher, labels = random_case(seed=3)
+    labelled = labels != -100
+    for space in SPACES.values():
+        s = REGISTRY["td"].Settings(action_space=space)
+        member = paper_member(teacher, s)
+        expert = F.one_hot(labels.clamp_min(0), V).bool()
+        in_set = (member & expert).any(-1) & labelled
+        assert in_set.any() and (labelled & ~in_set).any()
+        argmax_in = member.gather(-1, student.argmax(-1, keepdim=True)).squeeze(-1) | (student.argmax(-1) == labels)
+        assert (labelled & ~argmax_in).any()
+        q = student - student.amax(-1, keepdim=True)
+        assert ((q < -1.0) & member & labelled.unsqueeze(-1)).any()
+    for space, expert, regulariser in itertools.product(SPACES, ["include", "skip"], REGULARISERS):
+        losses = {shift: paper_loss(student, teacher, labels, REGISTRY["td"].Settings(
+            **grid_settings(shift, space, expert, regulariser))).item() for shift in ("vocab", "action_set")}
+        if regulariser == "none":
+            assert losses["vocab"] == pytest.approx(losses["action_set"], abs=1e-9)
+        else:
+            assert abs(losses["vocab"] - losses["action_set"]) > 1e-3, (space, expert, regulariser)
+    include, skip = (paper_loss(student, teacher, labels, REGISTRY["td"].Settings(**grid_settings(
+        "vocab", "top_k", e, "none"))) for e in ("include", "skip"))
+    assert abs(include - skip) > 1e-3
 
 
 def test_chunking_gives_identical_results():
@@ -168,14 +297,69 @@ def test_chunking_gives_identical_results():
             assert td_loss(student, teacher, labels, action_space=space, chunk_size=chunk).item() == whole.item()
 
 
+# ------------------------------------------------------------------------------------------- bf16
+def distinct_bf16_case(seed=6, B=3, T=9, vocab=V):
+    """Random logits with distinct values per position, exact in bf16 (multiples of 1/4 up to 2.75), so that
+    the vocabulary argmax has no tie in either dtype; experts = the teacher's argmax, so the expert column
+    duplicates a set column at every labelled position."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.stack([torch.randperm(vocab, generator=g) for _ in range(B * T)]).view(B, T, vocab) / 4.0
+    _, teacher, labels = random_case(seed, B, T, vocab)
+    return student, teacher, torch.where(labels != -100, teacher.argmax(-1), labels)
+
+
+class _GatherRoundingPerColumn(torch.autograd.Function):
+    """The gather's backward as it was: each column's gradient rounded to the logits' dtype, then summed."""
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return logits.gather(-1, index).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.zeros(ctx.shape, dtype=ctx.dtype).scatter_add(-1, index, grad.to(ctx.dtype)), None
+
+
 @pytest.mark.parametrize("fused_head", [True, False])
-def test_bf16_logits_give_bf16_gradient(fused_head):
-    student, teacher, labels = random_case(seed=6)
-    a = student.bfloat16().requires_grad_(True)
-    td(fused_head=fused_head)(make_step(a, teacher.bfloat16(), labels))["td"].backward()
-    assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad.float()).all()
+@pytest.mark.parametrize("shift", ["vocab", "action_set"])
+def test_bf16_duplicate_columns_accumulate_in_float32(shift, fused_head, monkeypatch):
+    """bf16 logits (or hidden state): the gradient equals the float32 computation's on the same values,
+    rounded to bf16 once: a token in two columns of a position (the expert and its in-set duplicate, the
+    vocabulary argmax and its duplicate) is summed in float32 before the rounding, not rounded per column."""
+    from raydistill.objectives import td as td_module
+
+    student, teacher, labels = distinct_bf16_case()
+    settings = dict(action_space={"k": 3}, shift=shift, fused_head=fused_head, q_min=None)
+
+    def grad(logits):
+        logits = logits.clone().requires_grad_(True)
+        td(**settings)(make_step(logits, teacher, labels))["td"].backward()
+        return logits.grad
+
+    got, want = grad(student.bfloat16()), grad(student)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got.float()).all()
+    assert torch.equal(got, want.bfloat16())
+    if not fused_head:  # the check has teeth: rounding per column, then summing, gives other values here
+        monkeypatch.setattr(td_module, "_GatherColumns", _GatherRoundingPerColumn)
+        assert not torch.equal(grad(student.bfloat16()), want.bfloat16())
 
 
+def test_gather_columns_backward_rounds_each_token_once():
+    from raydistill.objectives.td import _GatherColumns
+
+    logits = torch.zeros(1, 2, 5, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.tensor([[[3, 1, 3, 3], [0, 2, 4, 1]]])
+    grad = torch.tensor([[[1.0, 0.25, 2 ** -9, 2 ** -9], [0.5, -1.0, 3.0, 2.0]]])
+    (_GatherColumns.apply(logits, index) * grad).sum().backward()
+    # 1 + 2^-9 + 2^-9 = 1 + 2^-8 is exact in bf16; each 2^-9 added to 1 in bf16 separately would vanish.
+    want = torch.tensor([[[0.0, 0.25, 0.0, 1.0 + 2 ** -8, 0.0], [0.5, 2.0, -1.0, 0.0, 3.0]]])
+    assert torch.equal(logits.grad, want.bfloat16())
+
+
+# ------------------------------------------------------------------------------------------- memory
 class _LargestOutput(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -191,11 +375,11 @@ class _LargestOutput(TorchDispatchMode):
 
 def test_forward_allocates_nothing_vocabulary_sized():
     """Memory grows with k: no tensor the forward creates has B x T x V elements (top_p's softmax over the
-    vocabulary is B x chunk x V with chunk_size)."""
+    vocabulary is B x chunk x V with chunk_size); the vocabulary argmax of the full logits is B x T."""
     B, T, vocab = 2, 8, 500
     student, teacher, labels = random_case(seed=7, B=B, T=T, vocab=vocab)
     info = ModelInfo(False, vocab, 2, 4, 4, 4)
-    for settings, bound in ((dict(action_space={"k": 8}, fused_head=False), B * T * 9),
+    for settings, bound in ((dict(action_space={"k": 8}, fused_head=False), B * T * 10),
                             (dict(action_space={"kind": "top_p", "max_k": 16}, chunk_size=2, fused_head=False),
                              B * 2 * vocab)):
         obj, step = td(info, **settings), make_step(student.requires_grad_(True), teacher, labels, info)
@@ -217,51 +401,108 @@ def random_head(vocab, width, bias, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_columns_equal_gathered_logits_values_and_gradients(bias, monkeypatch):
     """The fused head gives the same columns as gathering from ``head(h)``, and the same gradients for h, the
-    weight and the bias, also when it works a few positions at a time and when tokens repeat across them."""
+    weight and the bias, also when it works a few positions at a time and when tokens repeat across them;
+    ``head_columns_and_argmax`` appends the vocabulary argmax's column, differentiable like the others."""
     from raydistill.objectives import head_columns as hc
 
     monkeypatch.setattr(hc, "_CHUNK_ELEMENTS", 40)  # chunks of a few positions
+    monkeypatch.setattr(hc, "_SEARCH_ELEMENTS", 20)
     B, T, vocab, width, K = 2, 5, 30, 4, 6
     head = random_head(vocab, width, bias)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(B, T, width, generator=g, requires_grad=True)
     index = torch.randint(vocab, (B, T, K), generator=g)
     index[..., -1] = index[..., 0]  # a token twice in one row, as the expert column duplicates A(s)
-    upstream = torch.randn(B, T, K, generator=g)
+    for with_argmax in (False, True):
+        upstream = torch.randn(B, T, K + with_argmax, generator=g)
+        if with_argmax:
+            got, argmax = hc.head_columns_and_argmax(HeadInput(hidden, head), index)
+            assert torch.equal(argmax, head(hidden).argmax(-1))
+            full_index = torch.cat([index, argmax.unsqueeze(-1)], -1)
+        else:
+            got, full_index = hc.head_columns(HeadInput(hidden, head), index), index
+        (got * upstream).sum().backward()
+        got_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+        want = head(hidden).gather(-1, full_index)
+        (want * upstream).sum().backward()
+        want_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
 
-    got = hc.head_columns(HeadInput(hidden, head), index)
-    (got * upstream).sum().backward()
-    got_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
-    hidden.grad = None
-    head.zero_grad(set_to_none=True)
-    want = head(hidden).gather(-1, index)
-    (want * upstream).sum().backward()
-    want_grads = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
-
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert got.dtype == torch.float32 and got.shape == full_index.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_head_creates_nothing_vocabulary_sized_forward_or_backward():
+@pytest.mark.parametrize("elements, rows", [(1 << 22, 1024), (7, 1), (40, 3), (100, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_argmax_matches_the_full_logits(elements, rows, bias, monkeypatch):
+    from raydistill.objectives import head_columns as hc
+
+    monkeypatch.setattr(hc, "_SEARCH_ELEMENTS", elements)
+    monkeypatch.setattr(hc, "_SEARCH_ROWS", rows)
+    head = random_head(37, 5, bias, seed=3)
+    hidden = torch.randn(13, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = head(hidden).argmax(-1)
+    assert torch.equal(hc.head_argmax(hidden, head.weight, head.bias), want)
+
+
+def test_head_argmax_in_bf16_picks_the_float32_maximum_among_rounded_ties():
+    """Three tokens whose logits differ by less than bf16's resolution there (96.0x: steps of 0.5): the bf16
+    search sees a tie; its candidates are scored in float32, as the columns are, and the largest wins, even
+    when it is not the first of the tie."""
+    from raydistill.objectives import head_columns as hc
+
+    weight = torch.zeros(50, 2)
+    weight[:, 0] = torch.linspace(-40, 40, 50)
+    weight[[10, 20, 30], 0] = 96.0
+    weight[[10, 20, 30], 1] = torch.tensor([0.0625, 0.125, 0.25])  # exact in bf16; 30 is the largest
+    weight = weight.bfloat16()
+    hidden = torch.ones(3, 2, dtype=torch.bfloat16)
+    rounded = hidden @ weight.T
+    assert rounded[0, 10] == rounded[0, 20] == rounded[0, 30]  # tied once rounded to bf16
+    assert hc.head_argmax(hidden, weight, None).tolist() == [30, 30, 30]
+
+
+def test_fused_head_creates_nothing_vocabulary_sized_forward_or_backward(monkeypatch):
     """With the fused head, neither pass creates a tensor of B x T x V elements: the largest is the head's
-    own V x H gradient (H < B x T here) or a chunk's gathered head rows."""
+    own V x H gradient (H < B x T here), a chunk's gathered head rows or a block of the argmax search; and
+    nothing is saved for backward but B x T x (k + 2) columns, the B x T x H hidden state and the head's own
+    parameters."""
+    from raydistill.objectives import head_columns as hc
+
+    monkeypatch.setattr(hc, "_SEARCH_ELEMENTS", 1000)  # the default would search these 16 x 500 in one block
     B, T, vocab, width, k = 2, 8, 500, 4, 8
     head = random_head(vocab, width, bias=True)
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(B, T, width, generator=g, requires_grad=True)
     _, teacher, labels = random_case(seed=7, B=B, T=T, vocab=vocab)
     info = ModelInfo(False, vocab, 2, width, 4, width)
-    step = Step(batch={"attention_mask": torch.ones_like(labels), "labels": labels},
-                student=ForwardResult(None, head=HeadInput(hidden, head)), teacher=ForwardResult(teacher),
-                student_model=None, teacher_model=None, info=info)
-    obj = td(info, action_space={"k": k})
-    assert obj.needs().student_head and not obj.needs().student_logits
-    with _LargestOutput() as mode:
-        obj(step)["td"].backward()
-    assert mode.largest <= max(vocab * width, B * T * (k + 1) * width) < B * T * vocab
-    assert hidden.grad is not None and head.weight.grad.abs().sum() > 0
+    for shift in ("vocab", "action_set"):
+        step = Step(batch={"attention_mask": torch.ones_like(labels), "labels": labels},
+                    student=ForwardResult(None, head=HeadInput(hidden, head)), teacher=ForwardResult(teacher),
+                    student_model=None, teacher_model=None, info=info)
+        obj = td(info, action_space={"k": k}, shift=shift)
+        assert obj.needs().student_head and not obj.needs().student_logits
+        saved = []
+
+        def pack(t):  # the head's parameters are saved by reference (the module's cut call): no memory
+            if all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for p in head.parameters()):
+                saved.append(t.numel())
+            return t
+
+        with _LargestOutput() as mode:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = obj(step)["td"]
+            loss.backward()
+        assert mode.largest <= max(vocab * width, B * T * (k + 2) * width, 1000) < B * T * vocab
+        assert max(saved) <= max(B * T * (k + 2), B * T * width)
+        assert hidden.grad is not None and head.weight.grad.abs().sum() > 0
+        hidden.grad = head.weight.grad = head.bias.grad = None
 
 
 def test_fused_head_refused_where_logits_are_transformed_after_the_head():
@@ -345,22 +586,67 @@ def test_padding_and_terminal_states():
     settings = dict(action_space={"k": 3}, gamma=0.9)
     padded = td_loss(student, teacher, labels, **settings)
     trimmed = td_loss(student[:, :5], teacher[:, :5], labels[:, :5], **settings)
-    assert padded.item() == pytest.approx(trimmed.item(), abs=1e-6)
+    assert padded.item() == pytest.approx(trimmed.item(), rel=1e-6, abs=1e-6)
     # A single labelled position is terminal: the loss is -phi(Q(s, a)) + V(s), whatever gamma is.
     one = torch.full_like(labels, -100)
     one[0, 2] = 5
     losses = {g: td_loss(student, teacher, one, action_space={"k": 3}, gamma=g).item() for g in (0.0, 0.5, 0.99)}
-    assert losses[0.0] == pytest.approx(losses[0.5], abs=1e-6) == pytest.approx(losses[0.99], abs=1e-6)
+    assert losses[0.0] == pytest.approx(losses[0.5], rel=1e-6) == pytest.approx(losses[0.99], rel=1e-6)
 
 
 def test_logged_components():
     student, teacher, labels = random_case(seed=10)
     out = td(action_space={"k": V})(make_step(student, teacher, labels))
-    assert set(out) == {"td", "td/q_expert", "td/value", "td/chi2", "td/action_set_size", "td/expert_in_set"}
+    assert set(out) == {"td", "td/q_expert", "td/value", "td/chi2", "td/action_set_size", "td/expert_in_set",
+                        "td/argmax_in_set"}
     assert out["td/action_set_size"].item() == V and out["td/expert_in_set"].item() == 1.0
+    assert out["td/argmax_in_set"].item() == 1.0  # A = V holds every argmax
     assert out["td/q_expert"].item() <= 0 and out["td/chi2"].item() >= 0
-    assert td(action_space={"k": 1})(make_step(student, teacher, labels))["td/expert_in_set"].item() < 1
+    small = td(action_space={"k": 1})(make_step(student, teacher, labels))
+    assert small["td/expert_in_set"].item() < 1 and small["td/argmax_in_set"].item() < 1
+    assert "td/argmax_in_set" not in td(shift="action_set")(make_step(student, teacher, labels))
     assert td().needs().teacher_logits
+
+
+@pytest.mark.parametrize("expert", ["include", "skip"])
+def test_loss_and_logs_are_shares_of_the_step(expert):
+    """positions() is the labelled positions, a function of the batch; with the step's count and share the
+    micro-batches' values sum to the whole batch's, every logged value included (skip: which transitions
+    are kept is not known before the teacher's forward, so the count is of labelled positions)."""
+    student, teacher, labels = random_case(seed=11, B=4)
+    labels[3, :6] = -100  # micro-batches with different numbers of labelled positions
+    obj = td(action_space={"k": 3}, expert=expert)
+    assert torch.equal(obj.positions({"labels": labels, "attention_mask": torch.ones_like(labels)}), labels != -100)
+    whole = obj(make_step(student, teacher, labels))
+    counts = {"td": (labels != -100).sum()}
+    parts = [obj(make_step(student[r], teacher[r], labels[r], counts=counts, share=0.5))
+             for r in (slice(0, 1), slice(1, 4))]
+    assert set(parts[0]) == set(whole)
+    for key in whole:
+        assert (parts[0][key] + parts[1][key]).item() == pytest.approx(whole[key].item(), rel=1e-5, abs=1e-6), key
+
+
+def test_skip_drops_the_whole_transition():
+    """A labelled position whose expert lies outside A(s) adds nothing to either term under skip, though it
+    counts in the divisor and its state stays the previous transition's next state."""
+    student, teacher, _ = random_case(seed=12, B=1, T=4)
+    outside = int(teacher[0, 1].argmin())  # the least likely token: outside the top 2
+    labels = torch.tensor([[-100, outside, -100, -100]])
+    a = student.clone().requires_grad_(True)
+    loss = td(action_space={"k": 2}, expert="skip")(make_step(a, teacher, labels))["td"]
+    loss.backward()
+    assert loss.item() == 0.0 and (a.grad == 0).all()  # its V(s_t) - gamma V(s_{t+1}) term is gone too
+    inside = int(teacher[0, 0].argmax())
+    labels = torch.tensor([[inside, outside, -100, -100]])
+    settings = dict(action_space={"k": 2}, expert="skip", gamma=0.8)
+    a = student.clone().requires_grad_(True)
+    loss = td(**settings)(make_step(a, teacher, labels))["td"]
+    loss.backward()
+    assert (a.grad[0, 1] != 0).any()  # through gamma V(s_1) in t=0's transition
+    just_first = td(**settings)(make_step(student, teacher, torch.tensor([[inside, -100, -100, -100]])))["td"]
+    assert loss.item() != pytest.approx(just_first.item() / 2)  # s_1 is not terminal for t=0
+    ref = paper_loss(student, teacher, labels, REGISTRY["td"].Settings(**settings))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_no_labelled_position_gives_zero_with_a_graph():

@@ -7,7 +7,10 @@ Two kinds of rows, side by side in one invocation, for each vocabulary size (32k
   the tiny body's width), and the teacher's B x T x V logits. ``kd`` projects the hidden state to its
   B x T x V logits (the head's forward and backward are part of what kd costs); ``td`` with top-k action
   sets, k in {8, 64, 512}, computes only the gathered columns from the head (``fused_head``, the default);
-  ``td-logits`` (k = ``ratio_k``) is td gathering from the full logits instead (``fused_head: false``);
+  ``td-logits`` (k = ``ratio_k``) is td gathering from the full logits instead (``fused_head: false``).
+  Both run td's default ``shift: vocab``: td also finds each position's vocabulary argmax, under no_grad,
+  by a blocked search over the head's weight (fused) or the full logits (td-logits), and gathers its
+  column too, so its time includes one more B x T x V x H product (in blocks of bounded memory);
 - ``step``: a whole training step as a worker runs it without DeepSpeed: teacher forward, student forward
   and the objective (``DistillModule``), backward and an AdamW step, ``kd`` against ``td`` at ``ratio_k``.
   Models: a tiny GPT-2 body (teacher 4 blocks, student 2, width 64) with the vocabulary under test and
