@@ -1,12 +1,15 @@
-"""Metric functions against values computed by hand."""
+"""Metric functions (scikit-learn, scipy, seqeval and the official SQuAD normalisation) against values
+computed by hand, and on the real CoNLL-2003 tags."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from conftest import shared_data
 
 from raydistill.eval import metrics as M
+from raydistill.eval.loaders import read_conll
 
 
 def test_accuracy_and_binary_f1():
@@ -91,3 +94,34 @@ def test_perplexity():
     assert M.perplexity(5 * math.log(10), 5) == pytest.approx(10.0)
     with pytest.raises(ValueError):
         M.perplexity(1.0, 0)
+
+
+def test_entity_scores_read_iob1_and_iob2_alike():
+    # seqeval's default mode chunks as conlleval: IOB1 (I- opens an entity, B- only splits two adjacent
+    # entities of one type) and its IOB2 conversion give the same entities.
+    iob1 = [["I-PER", "I-PER", "B-PER", "O", "I-LOC"], ["O", "I-ORG", "I-MISC"]]
+    iob2 = [["B-PER", "I-PER", "B-PER", "O", "B-LOC"], ["O", "B-ORG", "B-MISC"]]
+    assert M.entity_scores(iob1, iob2) == {"entity_f1": 1.0, "entity_precision": 1.0, "entity_recall": 1.0}
+    assert M.entity_scores([["O"]], [["O"]])["entity_f1"] == 0.0  # nothing to find: 0, no warning
+
+
+def _to_iob1(tags):
+    out, prev = [], "O"
+    for tag in tags:
+        if tag.startswith("B-") and prev[2:] != tag[2:]:
+            tag = "I-" + tag[2:]  # B- only where the previous token has the same type
+        out.append(tag)
+        prev = tag
+    return out
+
+
+def test_entity_scores_on_real_conll2003_valid():
+    sentences = read_conll(shared_data("conll2003", "valid.txt"))
+    gold = [s["tags"] for s in sentences]
+    assert sum(len(M.entity_spans(g)) for g in gold) == 5942  # 1842 PER + 1837 LOC + 1341 ORG + 922 MISC
+    assert M.entity_scores(gold, gold)["entity_f1"] == 1.0
+    assert M.entity_scores([_to_iob1(g) for g in gold], gold)["entity_f1"] == 1.0
+    # Dropping every MISC entity: precision stays 1, recall loses 922 of 5942.
+    no_misc = [[t if not t.endswith("MISC") else "O" for t in g] for g in gold]
+    scores = M.entity_scores(no_misc, gold)
+    assert scores["entity_precision"] == 1.0 and scores["entity_recall"] == pytest.approx(1 - 922 / 5942)

@@ -44,12 +44,20 @@ def test_written_files_are_tidy(tmp_path):
     paths = write_results(tmp_path / "out", rows, summary, {"timing": {"wall_s": 1.0}})
     with paths["results_csv"].open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["model", "task", "metric", "value", "seed", "n_train", "n_eval", "note"]
+    assert list(table[0]) == ["model", "task", "metric", "value", "seed", "n_train", "n_eval", "note", "method"]
     assert len(table) == len(rows) and float(table[0]["value"]) == rows[0].value
     with paths["summary_csv"].open() as f:
-        assert list(next(csv.DictReader(f))) == ["model", "task", "metric", "mean", "std", "n_seeds", "note"]
+        assert list(next(csv.DictReader(f))) == ["model", "task", "metric", "mean", "std", "n_seeds", "note", "method"]
     data = json.loads(paths["json"].read_text())
     assert len(data["rows"]) == len(rows) and data["timing"] == {"wall_s": 1.0}
     assert {"task": "glue", "metric": "glue_average"}.items() <= [s for s in data["summary"]
                                                                   if s["task"] == "glue"][0].items()
     assert summary_table(summary).row_count == len(summary)
+
+
+def test_the_method_of_a_metric_reaches_the_summary():
+    method = "sliding_window(context=512,stride=256)"
+    rows = [ResultRow("m", "wikitext2", "perplexity", v, seed, 0, 1000, "", method) for seed, v in ((0, 30.0), (1, 32.0))]
+    (row,) = summarize(rows)
+    assert row.method == method and row.mean == pytest.approx(31.0)
+    assert all(s.method == "" for s in summarize(_rows()))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from raydistill.eval.rouge import lcs_length, mean_rouge_l, model_rouge_l, rouge_l, tokenize
+from raydistill.eval.rouge import mean_rouge_l, model_rouge_l, rouge_l, tokenize
 from raydistill.generation import (GenerationCache, cut_at_eos, generate_responses, generation_key, left_pad,
                                    model_identity, on_policy_draw, padded_shard, shard_bounds)
 
@@ -24,18 +24,23 @@ def tiny_decoder():
 
 
 # ----------------------------------------------------------------------------------------------- ROUGE-L
-def test_rouge_tokenizer_matches_rouge_score_default():
+def test_rouge_tokenizer_is_rouge_scores_with_the_porter_stemmer():
     assert tokenize("Hello, World! It's 2024 -- the END.") == ["hello", "world", "it", "s", "2024", "the", "end"]
+    assert tokenize("Running dogs were jumping") == ["run", "dog", "were", "jump"]
     assert tokenize("  ... ") == []
 
 
 @pytest.mark.parametrize("pred, ref, p, r, f", [
     ("the cat sat on the mat", "the cat is on the mat", 5 / 6, 5 / 6, 5 / 6),
-    ("police killed the gunman", "police kill the gunman", 3 / 4, 3 / 4, 0.75),  # Lin (2004)'s example
     ("a b c d e", "a c e", 3 / 5, 1.0, 0.75),
     ("A, B; C!", "a b c", 1.0, 1.0, 1.0),  # case and punctuation do not count
     ("x y z", "a b c", 0.0, 0.0, 0.0),
     ("", "a b c", 0.0, 0.0, 0.0),
+    # The stemmer (use_stemmer=True, as MiniLLM scores): inflections match their stem.
+    ("running dogs", "run dog", 1.0, 1.0, 1.0),
+    ("police killed the gunman", "police kill the gunman", 1.0, 1.0, 1.0),  # Lin (2004)'s example: 3/4 unstemmed
+    # "cats"/"cat" and "running"/"runs" meet at their stems; "quickly" stems to "quickli", not "quick".
+    ("The cats were running quickly", "cat runs quick", 2 / 5, 2 / 3, 0.5),
 ])
 def test_rouge_l_hand_examples(pred, ref, p, r, f):
     score = rouge_l(pred, ref)
@@ -43,12 +48,29 @@ def test_rouge_l_hand_examples(pred, ref, p, r, f):
     assert score.fmeasure == pytest.approx(f)
 
 
-def test_rouge_l_exact_known_value():
-    # LCS("w1 w2 w3 w4 w5 w6 w7", "w1 x w3 w4 y w7") = w1 w3 w4 w7 = 4: P = 4/7, R = 4/6, F = 2PR/(P+R) = 8/13.
-    score = rouge_l("w1 w2 w3 w4 w5 w6 w7", "w1 x w3 w4 y w7")
-    assert score.fmeasure == pytest.approx(8 / 13, abs=1e-12)
-    assert lcs_length(list("abcbdab"), list("bdcaba")) == 4  # CLRS
+def test_rouge_l_is_rouge_scores_rougeL_with_stemmer():
+    from rouge_score import rouge_scorer
+
+    reference_scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = [("The quick brown foxes jumped over the lazy dogs.", "A quick brown fox jumps over the lazy dog"),
+             ("Paris is the capital of France; it has 2.1 million inhabitants.", "The capital of France is Paris."),
+             ("He was studying computational linguistics", "She studies linguistics and computation"),
+             ("w1 w2 w3 w4 w5 w6 w7", "w1 x w3 w4 y w7"), ("café naïve", "cafe naive"), ("", "")]
+    for pred, ref in pairs:
+        expected = reference_scorer.score(ref, pred)["rougeL"]  # score(target, prediction)
+        got = rouge_l(pred, ref)
+        assert (got.precision, got.recall, got.fmeasure) == pytest.approx(tuple(expected)), (pred, ref)
+    # LCS("w1 w2 w3 w4 w5 w6 w7", "w1 x w3 w4 y w7") = w1 w3 w4 w7 = 4: P = 4/7, R = 4/6, F = 8/13.
+    assert rouge_l("w1 w2 w3 w4 w5 w6 w7", "w1 x w3 w4 y w7").fmeasure == pytest.approx(8 / 13, abs=1e-12)
+    assert rouge_l("café naïve", "cafe naive").fmeasure == 0.0  # non-ASCII letters are separators there
+
+
+def test_rouge_l_best_of_several_references_and_mean():
+    assert rouge_l("a b", ["x", "a b c"]).fmeasure == pytest.approx(0.8)  # MiniLLM: max over references
     assert mean_rouge_l(["a b", "c"], ["a b", "d"]) == pytest.approx(0.5)
+    assert mean_rouge_l(["running"], [["walk", "runs"]]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        mean_rouge_l(["a"], [])
 
 
 def test_model_rouge_l_scores_generated_text(tiny_decoder):

@@ -44,6 +44,13 @@ def eval_command(
         "--lr", help="learning rate (default 1e-3 for a preset, 5e-5 for pretrained weights)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per example or window (default 128)")] = None,
     doc_stride: Annotated[Optional[int], typer.Option(help="SQuAD window overlap in tokens (default 32)")] = None,
+    ppl_method: Annotated[Optional[str], typer.Option(
+        help="perplexity windows: sliding (decoders' default: each token scored once, with context) or "
+             "non_overlapping (encoders' only method)")] = None,
+    ppl_context: Annotated[Optional[int], typer.Option(
+        help="perplexity window length in tokens (default: the model's training length or max positions)")] = None,
+    ppl_stride: Annotated[Optional[int], typer.Option(
+        help="sliding-window perplexity: tokens between window starts (default: half the window)")] = None,
     builtin_seed: Annotated[int, typer.Option(help="world seed of the built-in corpus tasks")] = 0,
     objective: Annotated[Optional[str], typer.Option(
         help="TASK:METRIC to print on the last line (e.g. sst2:accuracy, glue:glue_average)")] = None,
@@ -64,7 +71,8 @@ def eval_command(
     goal = parse_objective(objective) if objective else None
     given = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "max_length": max_length,
              "doc_stride": doc_stride, "max_train_examples": max_train_examples,
-             "max_eval_examples": max_eval_examples, "num_threads": num_threads}
+             "max_eval_examples": max_eval_examples, "num_threads": num_threads, "ppl_method": ppl_method,
+             "ppl_context_length": ppl_context, "ppl_stride": ppl_stride}
     settings = EvalSettings(seeds=parse_seeds(seeds), builtin_seed=builtin_seed, device=device, num_cpus=num_cpus,
                             num_gpus=num_gpus, **{k: v for k, v in given.items() if v is not None})
     report = evaluate(model, suite, settings, data_dir=data_dir, use_ray=use_ray)

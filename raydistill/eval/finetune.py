@@ -24,6 +24,7 @@ class TaskOutcome:
     n_eval: int  # examples scored (perplexity: predicted tokens)
     note: str = ""
     train_loss: float | None = None
+    method: str = ""  # how the metric was computed where a setting changes it (perplexity's windows)
 
 
 _CLASSIFICATION_METRICS = {

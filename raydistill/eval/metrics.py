@@ -1,7 +1,16 @@
-"""Benchmark metrics, implemented here (no sklearn/seqeval/scipy) and checked against hand-computed values.
+"""Benchmark metrics, from the libraries the papers' numbers come from.
+
+* GLUE: accuracy, F1 of the positive class and Matthews correlation from scikit-learn; Pearson and Spearman
+  correlations from scipy.stats (what GLUE's own scorer and Hugging Face's ``glue`` metric call).
+* CoNLL-2003: entity-level micro precision/recall/F1 from ``seqeval`` in its default mode, which chunks tags
+  exactly as the shared task's ``conlleval`` script does (IOB1 and IOB2 alike: an entity starts at B-X or
+  at an I-X after O or another type), as BERT-style NER evaluations (Hugging Face ``run_ner``) report it.
+* SQuAD v1.1: the official ``evaluate-v1.1.py`` normalisation, EM and token F1, written out here (the
+  official script is not a package); max over the gold answers, a missing prediction scores 0.
 
 Scores are fractions in [0, 1] (SQuAD EM/F1 included, unlike the official script's percentages), except
-perplexity. Correlations of a constant series are reported as 0.0, not NaN, so sweeps can still rank trials.
+perplexity. Correlations of a constant series (NaN in scipy) are reported as 0.0, so sweeps can still rank
+trials; an undefined F1 or precision (nothing predicted) is 0.0, as sklearn/seqeval give with a warning.
 """
 
 from __future__ import annotations
@@ -10,71 +19,62 @@ import collections
 import math
 import re
 import string
+import warnings
 from typing import Sequence
 
 # ----------------------------------------------------------------------------------------- classification
 
 
 def accuracy(preds: Sequence, labels: Sequence) -> float:
+    from sklearn.metrics import accuracy_score
+
     _same_length(preds, labels)
-    return sum(p == g for p, g in zip(preds, labels)) / len(labels) if labels else 0.0
+    return float(accuracy_score(list(labels), list(preds))) if len(labels) else 0.0
 
 
 def f1_binary(preds: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
-    """F1 of the positive class (GLUE's MRPC/QQP F1)."""
+    """F1 of the positive class (GLUE's MRPC/QQP F1): sklearn's ``f1_score(average="binary")``."""
+    from sklearn.metrics import f1_score
+
     _same_length(preds, labels)
-    tp = sum(p == positive and g == positive for p, g in zip(preds, labels))
-    fp = sum(p == positive and g != positive for p, g in zip(preds, labels))
-    fn = sum(p != positive and g == positive for p, g in zip(preds, labels))
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    if not len(labels):
+        return 0.0
+    return float(f1_score(list(labels), list(preds), pos_label=positive, average="binary", zero_division=0.0))
 
 
 def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """Matthews correlation (multi-class form of Gorodkin 2004; the binary phi coefficient for 2 classes).
-    0.0 when either side has a single class, as sklearn does."""
+    """Matthews correlation (sklearn; the multi-class form of Gorodkin 2004 beyond two classes). 0.0 when
+    either side has a single class."""
+    from sklearn.metrics import matthews_corrcoef as mcc
+
     _same_length(preds, labels)
-    classes = sorted(set(preds) | set(labels))
-    n = len(labels)
-    correct = sum(p == g for p, g in zip(preds, labels))
-    pred_count = collections.Counter(preds)
-    true_count = collections.Counter(labels)
-    cov_ytyp = correct * n - sum(pred_count[k] * true_count[k] for k in classes)
-    cov_ypyp = n * n - sum(pred_count[k] ** 2 for k in classes)
-    cov_ytyt = n * n - sum(true_count[k] ** 2 for k in classes)
-    denom = math.sqrt(cov_ypyp * cov_ytyt)
-    return cov_ytyp / denom if denom else 0.0
+    if not len(labels):
+        return 0.0
+    return float(mcc(list(labels), list(preds)))
+
+
+def _correlation(fn, xs: Sequence[float], ys: Sequence[float]) -> float:
+    _same_length(xs, ys)
+    if len(xs) < 2:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on a constant input and returns NaN
+        value = float(fn(list(xs), list(ys))[0])
+    return 0.0 if math.isnan(value) else value
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    _same_length(xs, ys)
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+    """Pearson's r (scipy.stats.pearsonr)."""
+    from scipy.stats import pearsonr
 
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank (as scipy.stats.rankdata 'average')."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    return _correlation(pearsonr, xs, ys)
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    _same_length(xs, ys)
-    return pearson(_ranks(xs), _ranks(ys))
+    """Spearman's rho (scipy.stats.spearmanr: ties share their average rank)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, xs, ys)
 
 
 # ------------------------------------------------------------------------------------------------- SQuAD
@@ -118,46 +118,40 @@ def squad_scores(predictions: dict[str, str], golds: dict[str, Sequence[str]]) -
 # -------------------------------------------------------------------------------------------------- NER
 
 
-def _split_tag(tag: str) -> tuple[str, str]:
-    if tag == "O" or not tag:
-        return "O", ""
-    prefix, _, kind = tag.partition("-")
-    if prefix not in ("B", "I") or not kind:
-        raise ValueError(f"not an IOB tag: {tag!r}")
-    return prefix, kind
+def _check_tags(sentences: Sequence[Sequence[str]]) -> None:
+    for tags in sentences:
+        for tag in tags:
+            prefix, _, kind = tag.partition("-")
+            if tag != "O" and (prefix not in ("B", "I") or not kind):
+                raise ValueError(f"not an IOB tag: {tag!r}")
 
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
-    """Chunks (start, end exclusive, type) as conlleval reads them: a chunk starts at B-X, or at I-X after
-    O or after another type, and ends where the next tag is not I-X."""
-    spans = set()
-    start, kind = None, ""
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, t = _split_tag(tag)
-        if start is not None and (prefix != "I" or t != kind):
-            spans.add((start, i, kind))
-            start = None
-        if prefix != "O" and start is None:
-            start, kind = i, t
-    return spans
+    """Chunks (start, end exclusive, type) as seqeval (and conlleval) read them: a chunk starts at B-X, or
+    at I-X after O or after another type, and ends where the next tag is not I-X."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    _check_tags([tags])
+    return {(start, end + 1, kind) for kind, start, end in get_entities(list(tags))}
 
 
 def entity_scores(pred_sentences: Sequence[Sequence[str]],
                   gold_sentences: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Micro-averaged entity-level precision, recall and F1 over all sentences (conlleval's numbers): an
-    entity counts only with exact boundaries and type."""
+    """Micro-averaged entity-level precision, recall and F1 over all sentences (seqeval's default mode,
+    conlleval's numbers): an entity counts only with exact boundaries and type."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
     _same_length(pred_sentences, gold_sentences)
-    correct = n_pred = n_gold = 0
     for pred, gold in zip(pred_sentences, gold_sentences):
         _same_length(pred, gold)
-        p, g = entity_spans(pred), entity_spans(gold)
-        correct += len(p & g)
-        n_pred += len(p)
-        n_gold += len(g)
-    precision = correct / n_pred if n_pred else 0.0
-    recall = correct / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if correct else 0.0
-    return {"entity_f1": f1, "entity_precision": precision, "entity_recall": recall}
+    _check_tags(pred_sentences)
+    _check_tags(gold_sentences)
+    gold, pred = [list(s) for s in gold_sentences], [list(s) for s in pred_sentences]
+    if not gold:
+        return {"entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0}
+    return {"entity_f1": float(f1_score(gold, pred, zero_division=0)),
+            "entity_precision": float(precision_score(gold, pred, zero_division=0)),
+            "entity_recall": float(recall_score(gold, pred, zero_division=0))}
 
 
 # ----------------------------------------------------------------------------------------- language model

@@ -22,6 +22,7 @@ class ResultRow:
     n_train: int
     n_eval: int
     note: str = ""
+    method: str = ""  # perplexity: its windows, e.g. "sliding_window(context=1024,stride=512)"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class SummaryRow:
     std: float  # sample standard deviation over seeds; 0 for one seed
     n_seeds: int
     note: str = ""
+    method: str = ""
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -48,14 +50,18 @@ def summarize(rows: list[ResultRow]) -> list[SummaryRow]:
     GLUE tasks that were run (the note says when that is not all eight)."""
     groups: dict[tuple[str, str, str], dict[int, float]] = {}
     notes: dict[tuple[str, str], str] = {}
+    methods: dict[tuple[str, str, str], str] = {}
     for r in rows:
         groups.setdefault((r.model, r.task, r.metric), {})[r.seed] = r.value
         if r.note:
             notes[(r.model, r.task)] = r.note
+        if r.method:
+            methods[(r.model, r.task, r.metric)] = r.method
     out = []
     for (model, task, metric), by_seed in groups.items():
         mean, std = _mean_std(list(by_seed.values()))
-        out.append(SummaryRow(model, task, metric, mean, std, len(by_seed), notes.get((model, task), "")))
+        out.append(SummaryRow(model, task, metric, mean, std, len(by_seed), notes.get((model, task), ""),
+                              methods.get((model, task, metric), "")))
     for model in dict.fromkeys(r.model for r in rows):
         out.extend(_glue_rows(model, groups))
     return out

@@ -14,7 +14,7 @@ from raydistill.errors import RaydistillError
 from raydistill.eval.errors import EvalConfigError
 from raydistill.eval.finetune import TaskOutcome, run_classification, run_ner, run_qa
 from raydistill.eval.model_source import resolve_model
-from raydistill.eval.perplexity import run_perplexity
+from raydistill.eval.perplexity import check_method, run_perplexity
 from raydistill.eval.results import ResultRow, SummaryRow, summarize
 from raydistill.eval.settings import EvalSettings
 from raydistill.eval.taskdata import check_data, load_task_data
@@ -112,7 +112,7 @@ def run_job(job: Job) -> JobResult:
         data = load_task_data(spec, job.settings, job.data_dir)
         outcome: TaskOutcome = _RUNNERS[spec.kind](spec, source, data, job.settings, job.seed, device)
     rows = [ResultRow(job.label or job.model, spec.name, metric, float(value), job.seed, outcome.n_train,
-                      outcome.n_eval, outcome.note) for metric, value in outcome.metrics.items()]
+                      outcome.n_eval, outcome.note, outcome.method) for metric, value in outcome.metrics.items()]
     return JobResult(rows, spec.name, job.seed, time.perf_counter() - start, outcome.n_train, len(data.eval),
                      job.settings.epochs if outcome.n_train else 0, str(device), outcome.train_loss)
 
@@ -155,6 +155,8 @@ def plan_jobs(model: str, tasks, settings: EvalSettings, data_dir: str | Path | 
     source = resolve_model(model)
     for spec in specs:
         check_data(spec, data_dir)
+        if spec.kind == "perplexity":
+            check_method(settings, source.encoder)
     directory = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
     jobs = []
     for spec in specs:

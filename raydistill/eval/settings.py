@@ -28,6 +28,14 @@ class EvalSettings:
     builtin_eval_examples: int = 1000
     squad_finetune_fraction: float = 0.5  # share of dev articles fine-tuned on when train-v1.1.json is absent
     mlm_probability: float = 0.15  # masked-token perplexity of encoders
+    # Perplexity windows. "sliding" (decoders' default; Hugging Face's perplexity guide): windows of
+    # ppl_context_length tokens, ppl_stride apart, each scoring only its tokens that the previous window
+    # did not, the rest serving as context, so every token but the first is scored once. "non_overlapping":
+    # the stream cut into windows scored whole (encoders' only method: masked-token perplexity).
+    ppl_method: str | None = None  # None: "sliding" for decoders, "non_overlapping" for encoders
+    ppl_context_length: int | None = None  # None: the model's training length when its raydistill.json
+    # records one ("block_size"), else its max positions (capped at 4096)
+    ppl_stride: int | None = None  # None: half the context length
     device: str = "auto"  # "auto" (GPU when present), "cpu" or "cuda"
     # torch CPU threads inside a job (None: torch's default, all cores). On a shared machine 1 thread can be
     # many times faster than oversubscribed OpenMP threads; a Ray task uses int(num_cpus).
@@ -56,6 +64,14 @@ class EvalSettings:
             raise EvalConfigError("eval setting seeds: give at least one seed")
         if self.num_cpus <= 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise EvalConfigError("eval settings num_cpus must be > 0 and num_gpus >= 0")
+        if self.ppl_method not in (None, "sliding", "non_overlapping"):
+            raise EvalConfigError(f"eval setting ppl_method {self.ppl_method!r}: allowed sliding, non_overlapping")
+        if self.ppl_context_length is not None and self.ppl_context_length < 4:
+            raise EvalConfigError(f"eval setting ppl_context_length must be >= 4 (or unset), got "
+                                  f"{self.ppl_context_length}")
+        if self.ppl_stride is not None and not 1 <= self.ppl_stride <= (self.ppl_context_length or self.ppl_stride):
+            raise EvalConfigError(f"eval setting ppl_stride must be in [1, ppl_context_length] (or unset), got "
+                                  f"{self.ppl_stride}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EvalConfigError(f"eval setting device {self.device!r}: allowed auto, cpu, cuda")
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
