@@ -22,6 +22,46 @@ from raydistill.errors import ConfigError
 PRESETS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 
 
+# ----------------------------------------------------------------------------------------------- YAML
+# PyYAML resolves plain scalars by YAML 1.1, where a float needs a dot and a signed exponent: ``1e-4`` and
+# ``1.0e4`` are strings. Users write YAML 1.2 numbers, so every YAML raydistill reads (config and sweep files,
+# key=value overrides) goes through this loader: SafeLoader with the YAML 1.2 core schema's float rule.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?   # 1.0  1.  1.0e-4  1.5E3
+                              |[0-9][0-9_]*[eE][-+]?[0-9]+                    # 1e-4  3E+2
+                              |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)            # .5  .5e-3
+                           |[-+]?\.(?:inf|Inf|INF)
+                           |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading numbers as YAML 1.2 does (``1e-4`` is a float); nothing else changes."""
+
+
+YamlLoader.yaml_implicit_resolvers = {  # a deep copy: add_implicit_resolver would append to SafeLoader's lists
+    first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":  # floats before ints, as SafeLoader orders them (the int rule has no '.', 'e')
+    YamlLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_FLOAT_TAG, _FLOAT_12))
+
+
+class YamlDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings YamlLoader would read as numbers (a run named '1e5')."""
+
+
+YamlDumper.yaml_implicit_resolvers = YamlLoader.yaml_implicit_resolvers
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no arbitrary objects) with YAML 1.2 numbers."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
+def yaml_dump(data: Any) -> str:
+    """YAML text that ``yaml_load`` reads back as ``data`` (keys in their given order)."""
+    return yaml.dump(data, Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
+
+
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are re-validated."""
 
@@ -488,7 +528,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: empty key component")
     # YAML parsing gives numbers, booleans, null and [lists] / {maps} their natural types.
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -510,7 +550,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+def format_validation_error(err: ValidationError, prefix: str = "",
+                            model: type[BaseModel] | None = None) -> str:
+    """One line per error: the dotted field, what is wrong or allowed, and the value given. ``model`` is the
+    class validated (default ExperimentConfig): unknown keys list its allowed keys."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -518,17 +561,17 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = loc.rsplit(".", 1)[0] if "." in loc else None
-            msg = f"unknown key; allowed: {', '.join(_allowed_keys(parent))}"
+            msg = f"unknown key; allowed: {', '.join(_allowed_keys(parent, model or ExperimentConfig))}"
         elif e["type"] in ("literal_error", "enum"):
             msg = msg.replace("Input should be", "allowed:")
         val = e.get("input")
         shown = "" if e["type"] == "missing" else f" (got {val!r})" if not isinstance(val, dict) else ""
         lines.append(f"{loc}: {msg}{shown}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    title = getattr(model, "error_title", "invalid configuration")
+    return f"{title}:\n  " + "\n  ".join(lines)
 
 
-def _allowed_keys(dotted_parent: str | None) -> list[str]:
-    model: Any = ExperimentConfig
+def _allowed_keys(dotted_parent: str | None, model: Any) -> list[str]:
     keyed = False  # the previous field was a dict of sections (streams): this part is a free key
     for part in (dotted_parent.split(".") if dotted_parent else []):
         if keyed:
@@ -550,7 +593,7 @@ def validate_config(data: dict, cls: type[BaseModel] = ExperimentConfig):
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, model=cls)) from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -558,7 +601,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -572,4 +615,4 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)
+    return yaml_dump(cfg.model_dump(mode="json", exclude_none=False))

@@ -110,3 +110,36 @@ def test_pretrained_teacher_cache_key_follows_the_masking_rate(tmp_path):
     same = pretrained_teacher_dir(load_config(None, base), tok)
     assert pretrained_teacher_dir(load_config(None, base), tok) == same
     assert pretrained_teacher_dir(load_config(None, [*base, "data.mlm_probability=0.4"]), tok) != same
+
+
+def test_yaml_numbers_as_users_write_them(tmp_path):
+    """1e-4, 3e-3 and 1.0e-4 are floats everywhere (YAML 1.2), not the strings PyYAML's YAML 1.1 rules give."""
+    from raydistill.config import yaml_dump, yaml_load
+
+    assert yaml_load("[1e-4, 3e-3, 1.0e-4, 1.0e4, -2E+2, .5, 1., 1_000, 12, .inf]") == \
+        [1e-4, 3e-3, 1e-4, 1e4, -200.0, 0.5, 1.0, 1000, 12, float("inf")]
+    assert [type(v) for v in yaml_load("[1e-4, 12, '1e-4', 1e, e5, 1.2.3]")] == [float, int, str, str, str, str]
+    assert yaml.safe_load("a: 1e-4") == {"a": "1e-4"}  # PyYAML's own rule, untouched by ours
+    # Strings that look like numbers stay strings through a dump and load (a run named '1e5').
+    data = {"name": "1e5", "lr": 1e-12, "x": ["3e3", 3e3]}
+    assert yaml_load(yaml_dump(data)) == data
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: {name: tiny-gpt2}\ntrain: {lr: 1e-4, eps: 1e-8}\n"
+                    "student: {config_overrides: {layer_norm_epsilon: 1e-12}}\n"
+                    "deepspeed: {extra: {optimizer_hint: 3e-3}}\n")
+    cfg = load_config(path, ["teacher.config_overrides.layer_norm_epsilon=1e-5", "train.weight_decay=1e-2"])
+    assert (cfg.train.lr, cfg.train.eps, cfg.train.weight_decay) == (1e-4, 1e-8, 1e-2)
+    assert cfg.student.config_overrides["layer_norm_epsilon"] == 1e-12
+    assert cfg.teacher.config_overrides["layer_norm_epsilon"] == 1e-5
+    assert cfg.deepspeed.extra["optimizer_hint"] == 3e-3
+    # The Hugging Face config gets the number, not the string '1e-12'.
+    from raydistill.data.tokenizer import train_tokenizer
+    from raydistill.models.loading import model_config, student_config
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 20, "bpe", 300)
+    student = student_config(cfg, model_config(cfg.teacher, tok), tok)
+    assert student.layer_norm_epsilon == 1e-12 and isinstance(student.layer_norm_epsilon, float)
+    assert load_config(path) == load_config(path, [])  # and the dumped config reads back the same
+    dumped = tmp_path / "d.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg

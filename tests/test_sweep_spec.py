@@ -222,3 +222,46 @@ def test_optuna_search_samples_named_choices_as_scalars(tmp_path):
     assert 1e-4 <= point["train.lr"] <= 1e-2 and point["objectives"] in ("kd", "task")
     cfg = sweep.trial_config(trial_values(sweep.dims, point), str(tmp_path / "t"), "t")
     assert "task" in cfg.active_objectives()
+
+
+def test_yaml_12_numbers_in_sweep_files(tmp_path):
+    """loguniform: [1e-4, 3e-3] as users write it (YAML 1.1 would give strings), and in eval.settings."""
+    (tmp_path / "s.yaml").write_text(
+        "name: s\nbase: {teacher: {name: tiny-gpt2}, train: {lr: 1e-3}}\n"
+        f"storage_path: {tmp_path / 'out'}\n"
+        "set: {train.weight_decay: 1e-2}\n"
+        "space:\n  train.lr: {loguniform: [1e-4, 3e-3]}\n  train.eps: {choice: [1e-8, 1.0e-6]}\n"
+        "eval: {tasks: builtin, settings: {learning_rate: 1e-3}}\n")
+    sweep = load_sweep(tmp_path / "s.yaml")
+    assert sweep.dims[0].args == (1e-4, 3e-3) and sweep.dims[1].values == (1e-8, 1e-6)
+    assert sweep.base["train"]["weight_decay"] == 1e-2 and sweep.spec.eval.settings["learning_rate"] == 1e-3
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "sweep.yaml").write_text(sweep.to_yaml())  # what --resume reads
+    again = load_sweep(saved / "sweep.yaml")
+    assert again.dims == sweep.dims and again.base == sweep.base
+
+
+def test_space_overrides_add_replace_and_remove_dimensions(tmp_path):
+    space = {"train.lr": {"choice": [1e-3, 2e-3]}, "objectives.kd.weight": {"uniform": [0, 1]}}
+    sweep = load(tmp_path, ["space.train.lr={loguniform: [1e-4, 1e-2]}", "space.train.warmup_ratio={grid: [0, 0.1]}",
+                            "space.objectives.kd.weight=null"], space=space)
+    assert {d.path: (d.kind, d.args or d.names) for d in sweep.dims} == {
+        "train.lr": ("loguniform", (1e-4, 1e-2)), "train.warmup_ratio": ("grid", (0, 0.1))}
+    assert load(tmp_path, ["space.train.lr={choice: [1e-3]}"]).dims[0].names == (1e-3,)  # no space in the file
+    with pytest.raises(ConfigError, match=r"space\.train\.lrr: 'train\.lrr' is not a config field"):
+        load(tmp_path, ["space.train.lrr={choice: [1]}"])
+    with pytest.raises(ConfigError, match=r"space\.train\.lr: loguniform takes \[low, high\] numbers"):
+        load(tmp_path, ["space.train.lr={loguniform: [a, b]}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nm_samples=3", r"'nm_samples' is not a sweep file key; allowed: base, .*num_samples.*storage_path"),
+    ("train.lr=1e-4", r"'train' is not a sweep file key; allowed: base, .*; 'train' is an experiment config key: "
+                      r"set it for every trial with set\.train\.lr=1e-4 or search it with space\.train\.lr="),
+    ("scheduler.kindd=asha", r"invalid sweep file:\n  scheduler\.kindd: unknown key; allowed: grace_period, kind"),
+])
+def test_sweep_override_errors_name_the_sweep_files_keys(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load(tmp_path, [override])
+    assert "teacher" not in str(err.value).split("allowed:")[1].split(";")[0]  # not the experiment's keys

@@ -8,12 +8,11 @@ bad one fails that trial, not the sweep)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from raydistill.config import ExperimentConfig, Strict, apply_overrides, load_yaml, validate_config
+from raydistill.config import ExperimentConfig, Strict, apply_overrides, load_yaml, validate_config, yaml_dump
 from raydistill.errors import ConfigError
 from raydistill.sweep.space import Dimension, parse_space, set_path
 
@@ -46,6 +45,7 @@ class EvalSpec(Strict):
 
 
 class SweepSpec(Strict):
+    error_title: ClassVar[str] = "invalid sweep file"
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]+$")
     base: str | dict[str, Any] = Field(..., description="experiment config: a path (relative to the sweep "
                                        "file) or an inline mapping")
@@ -106,7 +106,7 @@ class Sweep:
         dump = self.spec.model_dump(mode="json")
         dump["base"] = self.base
         dump["set"] = {}
-        return yaml.safe_dump(dump, sort_keys=False)
+        return yaml_dump(dump)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -117,11 +117,44 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def apply_space_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Sweep-file overrides. ``space.<config path>=...`` adds or replaces one search dimension (the rest of
+    the key is the config path, dots included: ``space.train.lr='{loguniform: [1e-4, 1e-2]}'``); ``null``
+    removes it. Every other key addresses the sweep file like a config override (``set.train.lr=1e-4``)."""
+    from raydistill.config import parse_override
+
+    plain = []
+    raw = apply_overrides(raw, [])  # a copy
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in SweepSpec.model_fields:
+            hint = ""
+            if keys[0] in ExperimentConfig.model_fields:
+                hint = (f"; {keys[0]!r} is an experiment config key: set it for every trial with "
+                        f"set.{item} or search it with space.{item.split('=', 1)[0]}='{{choice: [...]}}'")
+            raise ConfigError(f"override {item!r}: {keys[0]!r} is not a sweep file key; allowed: "
+                              f"{', '.join(sorted(SweepSpec.model_fields))}{hint}")
+        if keys[0] != "space" or len(keys) == 1:
+            plain.append(item)
+            continue
+        space = raw.get("space")
+        if space is None:
+            space = raw["space"] = {}
+        if not isinstance(space, dict):
+            raise ConfigError(f"override {item!r}: the sweep's space is {space!r}, not a mapping")
+        path = ".".join(keys[1:])
+        if value is None:
+            space.pop(path, None)
+        else:
+            space[path] = value
+    return apply_overrides(raw, plain)
+
+
 def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                data: dict | None = None) -> Sweep:
     """Load, override and validate a sweep file (or ``data``)."""
     raw = load_yaml(path) if data is None else data
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_space_overrides(raw, list(overrides))
     spec = validate_config(raw, SweepSpec)
     if "://" not in spec.storage_path:  # Tune and every trial must agree on one absolute directory
         spec.storage_path = str(Path(spec.storage_path).expanduser().resolve())
