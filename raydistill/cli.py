@@ -56,11 +56,27 @@ def teacher(config: str = typer.Argument(..., help="experiment YAML"), overrides
 
 @app.command("config")
 def show_config(config: str = typer.Argument(..., help="experiment YAML"),
-                overrides: Optional[List[str]] = OVERRIDES):
-    """Validate a config (with overrides) and print it with every default filled in."""
+                overrides: Optional[List[str]] = OVERRIDES,
+                as_teacher: bool = typer.Option(False, "--teacher", help="check it as `raydistill teacher` would "
+                                                "(default: as `raydistill train`)")):
+    """Dry run: validate a config (with overrides), run every check `raydistill train` runs before Ray
+    starts (files, directories, models and shapes, corpus, tokenizer, objectives), and print the config with
+    every default filled in. Tokenizer and packed data are cached for the run, as train would."""
     from raydistill.config import dump_config
+    from raydistill.train.plan import prepare
 
-    typer.echo(dump_config(_load(config, overrides, None)))
+    cfg = _load(config, overrides, None)
+    plan = prepare(cfg, mode="teacher" if as_teacher else "distill")
+    typer.echo(dump_config(cfg))
+    for note in plan.notes:
+        typer.echo(f"# note: {note}", err=True)
+    train_blocks, val_blocks = plan.blocks
+    student = "" if as_teacher else (f"; student {plan.info.student_layers} blocks x {plan.info.student_hidden}"
+                                     f"{' from the teacher ' + str(plan.init_layers) if plan.init_layers else ''}")
+    typer.echo(f"# checked: {len(train_blocks)} training and {len(val_blocks)} validation blocks of "
+               f"{cfg.data.block_size} tokens, vocabulary {plan.info.vocab_size}; teacher "
+               f"{plan.info.teacher_layers or plan.info.student_layers} blocks{student}; objectives "
+               f"{', '.join(plan.objectives)}; output_dir {plan.output_dir}", err=True)
 
 
 @app.command()
@@ -75,6 +91,7 @@ def sweep(sweep_file: Optional[str] = typer.Argument(None, help="sweep YAML (see
     from raydistill.sweep.results import load_saved_sweep
     from raydistill.sweep.runner import run_sweep
     from raydistill.sweep.spec import load_sweep
+    from raydistill.train.preflight import check_sweep_before_ray
 
     extra = list(overrides or [])
     if address:
@@ -82,11 +99,15 @@ def sweep(sweep_file: Optional[str] = typer.Argument(None, help="sweep YAML (see
     if resume:
         if sweep_file is not None:
             raise typer.BadParameter("give either SWEEP_FILE or --resume PATH, not both")
-        run_sweep(load_saved_sweep(resume, extra), resume_path=resume)
+        sweep = load_saved_sweep(resume, extra)
+        check_sweep_before_ray(sweep)
+        run_sweep(sweep, resume_path=resume)
         return
     if sweep_file is None:
         raise typer.BadParameter("give a sweep file, or --resume PATH")
-    run_sweep(load_sweep(sweep_file, extra))
+    sweep = load_sweep(sweep_file, extra)
+    check_sweep_before_ray(sweep)
+    run_sweep(sweep)
 
 
 @app.command()
@@ -169,12 +190,30 @@ def bench_sweep(as_json: bool = typer.Option(False, "--json", help="print one JS
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+_SIGINT = []
+
+
+def _on_sigint(signum, frame):
+    _SIGINT.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except RaydistillError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        # Exit status: 2 a configuration error, 1 a failed run, 130 an interrupted command (its message says how
+        # to resume).
+        code = getattr(e, "exit_code", 2)
+        typer.echo(str(e) if code == 130 else f"error: {e}", err=True)
+        sys.exit(code)
+    except SystemExit as e:
+        if e.code == 1 and _SIGINT:  # Ctrl-C where raydistill does not handle it: click's "Aborted!", status 130
+            sys.exit(130)
+        raise
 
 
 if __name__ == "__main__":

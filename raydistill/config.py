@@ -150,11 +150,18 @@ def _resolve_paths(v: str | list[str] | None) -> list[str] | None:
         raise ValueError("empty list of paths")
     out = []
     for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f"{pat!r} is not a path; allowed: a file path or glob, or a list of them")
         pat = os.path.expanduser(pat)
         hits = sorted(glob.glob(pat, recursive=True))
         if not hits:
             raise ValueError(f"no file matches {pat!r}")
-        out.extend(str(Path(h).resolve()) for h in hits)
+        files = [h for h in hits if not Path(h).is_dir()]  # a glob such as data/** also yields directories
+        if not files:
+            example = os.path.join(pat.rstrip("/"), "*.txt") if len(hits) == 1 else pat.rstrip("/") + "/*.txt"
+            raise ValueError(f"{pat!r} {'is a directory' if len(hits) == 1 else 'matches only directories'}; "
+                             f"allowed: files or globs of files, e.g. {example!r}")
+        out.extend(str(Path(h).resolve()) for h in files)
     return out
 
 
@@ -452,8 +459,19 @@ class StreamSpec(Strict):
     objectives: ObjectivesSpec  # type: ignore[valid-type]
 
 
+RUN_NAME = r"^[A-Za-z0-9_.\-]+$"
+
+
+def check_run_name(v: str) -> str:
+    """A name that is one directory name: letters, digits, '_', '-', '.', not '.' or '..'."""
+    if not re.match(RUN_NAME, v) or set(v) == {"."} or len(v) > 128:
+        raise ValueError(f"{v!r} is not a safe name (it names directories); allowed: 1-128 letters, digits, '_', "
+                         "'-' and '.', not '.' or '..' (no path separators or spaces)")
+    return v
+
+
 class ExperimentConfig(Strict):
-    name: str = Field("debug", pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field("debug", description="run name: the resume key and a directory name")
     output_dir: str = "runs/debug"
     cache_dir: str = Field(default_factory=lambda: os.environ.get(
         "RAYDISTILL_CACHE", str(Path("~/.cache/raydistill").expanduser())))
@@ -470,6 +488,11 @@ class ExperimentConfig(Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -565,7 +588,9 @@ def format_validation_error(err: ValidationError, prefix: str = "",
         elif e["type"] in ("literal_error", "enum"):
             msg = msg.replace("Input should be", "allowed:")
         val = e.get("input")
-        shown = "" if e["type"] == "missing" else f" (got {val!r})" if not isinstance(val, dict) else ""
+        # A section's own validators word their messages; a dict where a value belongs is shown when short.
+        hide = isinstance(val, dict) and (e["type"] == "value_error" or len(repr(val)) > 80)
+        shown = "" if e["type"] == "missing" or hide else f" (got {val!r})"
         lines.append(f"{loc}: {msg}{shown}")
     title = getattr(model, "error_title", "invalid configuration")
     return f"{title}:\n  " + "\n  ".join(lines)
@@ -598,10 +623,17 @@ def validate_config(data: dict, cls: type[BaseModel] = ExperimentConfig):
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; allowed: a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        data = yaml_load(p.read_text()) or {}
+        data = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (offset {e.start}); allowed: a YAML "
+                          "file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

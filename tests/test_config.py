@@ -58,7 +58,7 @@ def test_overrides_parse_types_and_create_sections():
     (["train.betas=[0.9, 1.5]"], r"train\.betas: .*\[0, 1\)"),
     (["data.source=files"], r"source 'files' needs data\.path"),
     (["data.source=builtin", "data.path=pyproject.toml"], r"data\.path or data\.hub is set but data\.source is 'builtin'"),
-    (["name=has space"], r"name: .*pattern"),
+    (["name=has space"], r"name: .has space. is not a safe name .*allowed: .*letters"),
     (["objectives.iit.weight=1", "train.batch_size=1"], r"train\.batch_size 1: .*allowed: 2 or more"),
 ])
 def test_bad_values_name_field_value_and_allowed(overrides, message):

@@ -75,7 +75,7 @@ def test_local_file_formats_and_globs(tmp_path):
     assert train == ["first line", "second line", "from jsonl", "from csv", "from parquet"]
     assert val == ["first line", "second line"]
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1: no field 'text'"):
+    with pytest.raises(ConfigError, match=r"data\.text_field: .*bad.jsonl:1 has no field 'text'"):
         load_corpus(DataSpec(path=str(tmp_path / "bad.jsonl")))
 
 

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raydistill.config import PromptDataSpec, template_fields
 from raydistill.data.blocks import BatchSampler, TokenInfo
-from raydistill.data.corpus import hold_out, read_jsonl
+from raydistill.data.corpus import hold_out, read_jsonl, read_text
 from raydistill.data.masking import IGNORE
 from raydistill.errors import ConfigError
 
@@ -66,19 +66,19 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
-def read_prompt_rows(path: str) -> list[dict]:
+def read_prompt_rows(path: str, where: str = "prompts.path") -> list[dict]:
     """Objects from a ``.jsonl`` file (one per line) or a ``.json`` file holding a list of objects."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, where)
     if p.suffix.lower() == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise ConfigError(f"{where}: {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ConfigError(f"{path}: a .json prompt file must hold a list of objects")
+            raise ConfigError(f"{where}: {path}: a .json prompt file must hold a list of objects")
         return rows
-    return [row for _, row in read_jsonl(p)]
+    return [row for _, row in read_jsonl(p, where)]
 
 
 def to_examples(rows: list[dict], spec: PromptDataSpec, where: str, origin: str) -> list[PromptExample]:
@@ -106,8 +106,10 @@ def load_prompt_examples(spec: PromptDataSpec, where: str = "prompts") -> tuple[
         examples = to_examples(rows, spec, where, "the built-in set")
         val = None
     else:
-        examples = [e for path in spec.path for e in to_examples(read_prompt_rows(path), spec, where, path)]
-        val = ([e for path in spec.validation_path for e in to_examples(read_prompt_rows(path), spec, where, path)]
+        examples = [e for path in spec.path for e in to_examples(read_prompt_rows(path, f"{where}.path"), spec,
+                                                                 where, path)]
+        val = ([e for path in spec.validation_path
+                for e in to_examples(read_prompt_rows(path, f"{where}.validation_path"), spec, where, path)]
                if spec.validation_path else None)
     if val is None:
         examples, val = hold_out(examples, spec.validation_fraction, spec.seed)

@@ -67,6 +67,11 @@ def student_config(cfg: ExperimentConfig, teacher_cfg: PretrainedConfig,
 
 def teacher_layer_map(rule, teacher_depth: int, student_depth: int) -> list[int]:
     """Teacher blocks copied into student blocks 0..student_depth-1."""
+    if student_depth > teacher_depth:
+        raise ConfigError(f"student.num_layers: a {student_depth}-block student is deeper than its "
+                          f"{teacher_depth}-block teacher, and student.init 'teacher' copies one distinct teacher "
+                          f"block into each student block; allowed: 1..{teacher_depth} blocks, or "
+                          "student.init=random")
     if isinstance(rule, list):
         layers = list(rule)
     elif rule == "first":
@@ -118,24 +123,25 @@ def model_info(teacher_cfg: PretrainedConfig | None, student_cfg: PretrainedConf
         student_logit_transform=logit_transform(student_cfg))
 
 
-def _model_class(config: PretrainedConfig):
+def model_class(config: PretrainedConfig):
     return AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
 
 
 def build_model(config: PretrainedConfig, source: str | None = None, revision: str | None = None) -> PreTrainedModel:
     """Random init from ``config`` (source None) or pretrained weights from a directory or hub id."""
     if source is None:
-        return _model_class(config).from_config(config)
-    return _model_class(config).from_pretrained(source, config=config, revision=revision)
+        return model_class(config).from_config(config)
+    return model_class(config).from_pretrained(source, config=config, revision=revision)
 
 
-def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int],
-                      block_path: str | None = None) -> None:
-    """Copy embeddings, final norms, LM head and the given teacher blocks into the student."""
+def teacher_init_sources(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int],
+                         block_path: str | None = None) -> dict[str, str]:
+    """Student state key -> the teacher state key it is copied from; a ConfigError when the teacher has no
+    parameter of that name and shape. Works on meta-device models (the driver checks shapes this way)."""
     s_path, _ = find_blocks(student, block_path)
     t_path, _ = find_blocks(teacher, block_path)
     t_state = teacher.state_dict()
-    new_state = {}
+    sources = {}
     for key, value in student.state_dict().items():
         if key.startswith(s_path + "."):
             index, rest = key[len(s_path) + 1:].split(".", 1)
@@ -143,10 +149,21 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers
         else:
             src = key
         if src not in t_state or t_state[src].shape != value.shape:
-            raise ConfigError(f"student.init 'teacher': teacher has no parameter {src!r} of shape "
-                              f"{tuple(value.shape)}; the student must be a shallower copy of the teacher's "
-                              "architecture (or use student.init=random)")
-        new_state[key] = t_state[src]
+            found = f"shape {tuple(t_state[src].shape)}" if src in t_state else "none"
+            raise ConfigError(f"student.init 'teacher': the student's {key!r} has shape {tuple(value.shape)} but the "
+                              f"teacher's {src!r} has {found}; the student must be a shallower copy of the "
+                              "teacher's architecture (same widths: remove the student's config_overrides that "
+                              "change them), or use student.init=random")
+        sources[key] = src
+    return sources
+
+
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int],
+                      block_path: str | None = None) -> None:
+    """Copy embeddings, final norms, LM head and the given teacher blocks into the student."""
+    sources = teacher_init_sources(student, teacher, layers, block_path)
+    t_state = teacher.state_dict()
+    new_state = {key: t_state[src] for key, src in sources.items()}
     with torch.no_grad():
         student.load_state_dict(new_state, strict=True)
 

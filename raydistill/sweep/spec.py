@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from raydistill.config import ExperimentConfig, Strict, apply_overrides, load_yaml, validate_config, yaml_dump
+from raydistill.config import (ExperimentConfig, Strict, apply_overrides, check_run_name, load_yaml, validate_config,
+                               yaml_dump)
 from raydistill.errors import ConfigError
 from raydistill.sweep.space import Dimension, parse_space, set_path
 
@@ -46,7 +47,7 @@ class EvalSpec(Strict):
 
 class SweepSpec(Strict):
     error_title: ClassVar[str] = "invalid sweep file"
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(..., description="sweep name: a directory under storage_path")
     base: str | dict[str, Any] = Field(..., description="experiment config: a path (relative to the sweep "
                                        "file) or an inline mapping")
     set: dict[str, Any] = Field(default_factory=dict, description="config path -> value for every trial")
@@ -66,6 +67,11 @@ class SweepSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     export_best: bool = Field(True, description="copy the best trial's student to STORAGE/NAME/best_student")
     status_every_s: float = Field(10.0, gt=0, description="seconds between live trial tables")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _grid(self):
@@ -162,7 +168,10 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
         base_path = Path(spec.base).expanduser()
         if not base_path.is_absolute() and path is not None:
             base_path = Path(path).parent / base_path
-        base = load_yaml(base_path)
+        try:
+            base = load_yaml(base_path)
+        except ConfigError as e:
+            raise ConfigError(f"base {spec.base!r}: {e}") from None
     else:
         base = spec.base
     constants: dict[str, Any] = {}
@@ -181,10 +190,10 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     base["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
     dims = parse_space(spec.space)
     sweep = Sweep(spec, base, dims, None if path is None else str(path))
+    _check_eval(spec.eval)
     check_metric(sweep, spec.metric, "metric")
     if spec.scheduler.metric:
         check_metric(sweep, spec.scheduler.metric, "scheduler.metric")
-    _check_eval(spec.eval)
     return sweep
 
 
@@ -241,8 +250,11 @@ def _check_eval(spec: EvalSpec) -> None:
     if spec.tasks:
         from raydistill.eval.tasks import resolve_tasks
 
-        resolve_tasks(spec.tasks)
+        try:
+            resolve_tasks(spec.tasks)
+        except ConfigError as e:
+            raise ConfigError(f"eval.tasks {spec.tasks!r}: {e}") from None
     try:
         EvalSettings(**spec.settings)
-    except TypeError as e:
-        raise ConfigError(f"eval.settings: {e}") from None
+    except (TypeError, ConfigError) as e:
+        raise ConfigError(f"eval.settings {spec.settings}: {e}") from None

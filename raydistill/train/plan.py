@@ -134,7 +134,10 @@ def pretrained_teacher_dir(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase) 
 
 
 def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
-    """Resolve and validate everything for a run; no Ray."""
+    """Resolve and validate everything for a run; no Ray. The checks that need no corpus come first."""
+    from raydistill.train.preflight import check_before_ray
+
+    check_before_ray(cfg, mode)
     encoder = _encoder_kind(cfg)
     docs = load_corpus(cfg.data)
     tok = resolve_tokenizer(cfg, docs[0], encoder)
@@ -166,7 +169,7 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
 
     teacher_source = _source(cfg.teacher)
     notes = []
-    if teacher_source is None:
+    if teacher_source is None and cfg.teacher.pretrain is None:
         notes.append("the teacher is a randomly initialised preset: set teacher.pretrain to train it first")
     student_cfg = student_config(cfg, teacher_cfg, tok)
     _check_vocab(student_cfg, tok, "student")
@@ -184,8 +187,8 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
         settings = cfg.stream_objectives(name)
         build_objectives(settings, info)
         data = stream.data or cfg.data
-        stream_blocks = blocks if stream.data is None else packed_corpus(data, load_corpus(data), tok, encoder,
-                                                                         cfg.cache_dir)
+        stream_blocks = blocks if stream.data is None else packed_corpus(
+            data, load_corpus(data, f"streams.{name}.data"), tok, encoder, cfg.cache_dir)
         if len(stream_blocks[0]) == 0 or len(stream_blocks[1]) == 0:
             raise ConfigError(f"streams.{name}.data: the corpus produced no training or validation blocks")
         streams[name] = StreamPlan(settings, stream_blocks, stream.batch_size or cfg.train.batch_size,
