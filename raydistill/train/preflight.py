@@ -104,7 +104,10 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         return f"unreadable header: {e}"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        return "malformed header"
     if 8 + n + end > size:
         return f"the header promises {8 + n + end} bytes, the file has {size}"
     return None
