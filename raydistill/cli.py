@@ -129,6 +129,23 @@ def results(path: str = typer.Argument(..., help="sweep directory (STORAGE_PATH/
         typer.echo(format_leaderboard(frame, spec, limit=top))
 
 
+@app.command()
+def report(path: str = typer.Argument(..., help="sweep directory (STORAGE_PATH/NAME) or URI (file://, s3://, gs://), "
+                                      "finished or running"),
+           output: Optional[str] = typer.Option(None, "--output", "-o", help="folder for report.html, report.md and "
+                                                "figures/ (default: PATH/report, or ./NAME-report for s3/gs)"),
+           metric: Optional[str] = typer.Option(None, help="rank by this column (default: the sweep's metric)"),
+           mode: Optional[str] = typer.Option(None, help="min or max (default: the sweep's, else from the name)")):
+    """Write a sweep's report: one self-contained HTML file and a Markdown summary with PNG figures."""
+    from raydistill.report import build_report
+
+    if mode not in (None, "min", "max"):
+        raise typer.BadParameter("--mode is min or max")
+    out = build_report(path, output=output, metric=metric, mode=mode)
+    typer.echo(f"[raydistill] report of {out['trials']} trials in {out['seconds']:.1f} s: {out['html']} "
+               f"(self-contained), {out['markdown']} (+ {len(out['figures'])} figures)")
+
+
 def _register_eval() -> None:
     from raydistill.eval.cli import eval_command
 
