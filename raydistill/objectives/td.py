@@ -1,5 +1,5 @@
 """``td``: temporal-difference distillation over a reduced action space (inverse soft-Q learning with the
-student's logits as Q), following the equations of docs/ALGORITHMS.md section 3, not the released code.
+student's logits as Q), following the paper's equations (docs/objectives.md), not its released code.
 
 Decoders only. The MDP: state s_t = the tokens up to position t, action = the next token, deterministic
 transitions. Expert transitions come from the labels (aligned with the logits): a labelled position t
