@@ -51,6 +51,7 @@ def _family_legend(ax, families) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", linestyle="", color=family_color(f), label=f) for f in families]
+    handles += [h for h, label in zip(*ax.get_legend_handles_labels()) if label == "teacher"]
     if handles:
         ax.legend(handles=handles, title="objective family", fontsize=8, title_fontsize=8, loc="best")
 
@@ -95,10 +96,11 @@ def metric_vs_param(frame, param: str, metric: str, mode: str, log: bool = False
     return _png(fig)
 
 
-def parallel_coordinates(frame, params: list[str], metric: str) -> bytes:
+def parallel_coordinates(frame, params: list[str], metric: str, log: set[str] = frozenset()) -> bytes:
     """pandas' parallel coordinates over the swept parameters and the metric, one line per trial coloured by
-    family. Each axis is scaled to its own range: numbers are annotated with their extremes, categories with
-    their names at their positions."""
+    family. Each axis is scaled to its own range (log-uniform parameters on a log scale): numbers are annotated
+    with their extremes, categories with their names at their positions."""
+    import numpy as np
     import pandas as pd
     from pandas.plotting import parallel_coordinates as draw
 
@@ -112,6 +114,8 @@ def parallel_coordinates(frame, params: list[str], metric: str) -> bytes:
         if values.notna().all() and not done[c].map(type).eq(str).any():
             lo, hi = float(values.min()), float(values.max())
             marks = [(0.0, f"{lo:.3g}"), (1.0, f"{hi:.3g}")] if hi > lo else [(0.5, f"{lo:.3g}")]
+            if c in log and lo > 0:  # sampled log-uniformly: a log axis
+                values, lo, hi = np.log10(values), np.log10(lo), np.log10(hi)
         else:
             cats = list(dict.fromkeys(done[c].astype(str)))
             values = done[c].astype(str).map({k: i for i, k in enumerate(cats)}).astype(float)

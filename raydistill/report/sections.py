@@ -143,7 +143,7 @@ def parameters(d: SweepData) -> Section:
         png = F.metric_vs_param(d.table, p, d.metric, d.mode, log=p in d.log_params, teacher=d.teacher)
         s.figure(f"param_{_slug(p)}", f"{d.metric} against {F.short(p)}", png)
     s.figure("parallel_coordinates", "parallel coordinates: every swept parameter and the metric",
-             F.parallel_coordinates(d.table, d.params, d.metric))
+             F.parallel_coordinates(d.table, d.params, d.metric, d.log_params))
     return s
 
 

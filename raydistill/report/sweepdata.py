@@ -134,6 +134,10 @@ def _spec_config(spec: dict | None, row: dict) -> dict | None:
     return cfg
 
 
+def _short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -260,8 +264,8 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     seed_params = [c for c in config_cols if c.rsplit(".", 1)[-1].endswith("seed")]
     params = [c for c in config_cols if c not in seed_params]
     # A configuration: every swept value except seeds; trials sharing one are replicates.
-    table["configuration"] = (table[params].astype(str).agg(", ".join, axis=1) if params
-                              else pd.Series("all", index=table.index))
+    table["configuration"] = ([", ".join(f"{p.removeprefix('config/')}={_short_value(v)}" for p, v in zip(params, r))
+                               for r in table[params].itertuples(index=False)] if params else "all")
     log_params = {f"config/{p}" for p, d in space.items() if isinstance(d, dict) and "loguniform" in d}
 
     teacher = None
