@@ -115,3 +115,10 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
                                         capture_output=True, text=True, timeout=120, check=True).stdout)
     assert [r["status"] for r in records][-1] == "failed" and len(records) == 3
     assert records[0]["bench/builtin-ppl/perplexity"] <= records[1]["bench/builtin-ppl/perplexity"]
+    # raydistill report on this real sweep: every section, valid PNG figures, HTML that parses and opens offline
+    # (rendered in headless Chromium where installed), under 30 s (checks in tests/test_report.py).
+    from test_report import check_report_of_sweep
+
+    report = check_report_of_sweep(directory, tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "3 trials (1 failed, 2 finished)" in md and "![" in md, report["stdout"]
