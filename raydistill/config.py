@@ -394,6 +394,9 @@ class TrainSpec(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
     fail_at_step: int | None = Field(None, ge=1, description="testing aid: raise once at this step")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or term: 'stop' the run at that step (no export), or 'skip' the step "
+        "when DeepSpeed's overflow check did not apply it (counted in the log)")
 
     @field_validator("betas")
     @classmethod
@@ -423,6 +426,9 @@ class ScalingSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+    resource_timeout_s: float | None = Field(
+        None, ge=0, description="how long to wait for the cluster to offer what the workers ask (an autoscaling "
+        "cluster adding nodes) before refusing; default 0 on a local cluster, 600 on an existing one")
     keep_freed_host_memory: bool = Field(
         True, description="workers' malloc keeps freed host memory for reuse instead of returning it to the OS, "
         "so big per-step tensors are not page-faulted in again each step (glibc; see README 'CPU memory')")

@@ -6,7 +6,6 @@ results PATH`` works on a running sweep as well as a finished one."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from raydistill.errors import ConfigError
+from raydistill.fsutil import swap_dir, write_atomic, write_text_atomic
 from raydistill.sweep.spec import Sweep, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -26,16 +26,29 @@ _TUNE_KEYS = {"timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter
 STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
 
 
-def trial_status(trial) -> str:
+def trial_status(trial, ended: bool = False) -> str:
+    """pending, running, finished, stopped (early, by the scheduler) or failed. ``ended``: the trial's own log
+    says it finished (its end event), whatever Tune last heard (a sweep interrupted or killed right after)."""
+    if ended and trial.status != "ERROR":
+        return "finished"
     if trial.status != "TERMINATED":
         return STATUS.get(trial.status, trial.status.lower())
     last = trial.last_result or {}
     return "finished" if last.get("finished") else "stopped"  # stopped early by the scheduler
 
 
+def _ended(sweep: Sweep, trial) -> bool:
+    from raydistill.sweep.trial import finished_result
+
+    last = trial.last_result or {}
+    if last.get("finished") or not sweep.is_local or trial.status in ("PENDING", "ERROR"):
+        return False
+    return finished_result(Path(sweep.dir) / f"trial_{trial.trial_id}") is not None
+
+
 def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
     last = dict(trial.last_result or {})
-    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial)}
+    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial, _ended(sweep, trial))}
     for d in sweep.dims:
         value = trial.config.get(d.path)
         row[f"config/{d.path}"] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
@@ -68,9 +81,7 @@ def write_table(directory: str | Path, rows: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame(rows)
     for suffix, writer in ((".csv", lambda p: frame.to_csv(p, index=False)),
                            (".parquet", lambda p: frame.to_parquet(p, index=False))):
-        tmp = directory / f".{TABLE}{suffix}.tmp"
-        writer(tmp)
-        os.replace(tmp, directory / f"{TABLE}{suffix}")
+        write_atomic(directory / f"{TABLE}{suffix}", writer, fsync=False)
 
 
 def read_table(directory: str | Path):
@@ -113,15 +124,15 @@ def write_best(sweep: Sweep, directory: str | Path, row: dict[str, Any], trial_c
     out = {"best_config": str(directory / "best_config.yaml")}
     header = (f"# best trial {row['trial']} of sweep {sweep.spec.name} by {sweep.spec.metric} "
               f"({sweep.spec.mode}) = {row.get(sweep.spec.metric)}\n# rerun: raydistill train {out['best_config']}\n")
-    (directory / "best_config.yaml").write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(directory / "best_config.yaml", header + yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                                               sort_keys=False))
     src = row.get("checkpoint_path")
     if sweep.spec.export_best and src and Path(src).is_dir():
         dst = directory / "best_student"
         tmp = directory / ".best_student.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
+        swap_dir(tmp, dst)
         out["best_student"] = str(dst)
     return out
 

@@ -2,21 +2,78 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from raydistill.errors import ConfigError
+from raydistill.fsutil import write_text_atomic
 from raydistill.sweep import results as R
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import grid_size, param_space
-from raydistill.sweep.trial import trial_driver
+from raydistill.sweep.trial import INTERRUPTED, trial_driver
+from raydistill.train.faults import Interrupted
 
 try:
     from ray.tune import Callback as _TuneCallback
 except ImportError:  # pragma: no cover - ray is a hard dependency
     _TuneCallback = object
+
+
+class _Interrupt:
+    """This process's sweep interruption: set by the SIGINT handler the monitor installs, read by the monitor
+    (statuses) and ``run_sweep`` (exit status, resume hint). ``ended`` holds the trials that had ended (finished,
+    stopped by the scheduler, failed) before the signal: only the others are "interrupted"."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.ended: set[str] = set()
+        self.marker: Path | None = None
+
+    def reset(self, marker: Path | None) -> None:
+        self.event.clear()
+        self.ended = set()
+        self.marker = marker
+        if marker is not None:
+            try:
+                marker.unlink()  # left by a sweep killed while winding down: trials must not wait for it
+            except FileNotFoundError:
+                pass
+
+    def set(self) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        if self.marker is not None:
+            try:
+                self.marker.touch()  # trial drivers Tune starts from now on do no work
+            except OSError:
+                pass
+        print("[raydistill] interrupted: no new trial starts; stopping the running trials and saving the sweep's "
+              "state (press Ctrl-C again to stop at once)", flush=True)
+
+    def status(self, trial, status: str) -> str:
+        """``status`` (from ``results.trial_status``), or "interrupted" for a trial the signal cut short."""
+        if not self.event.is_set() or status in ("finished", "failed", "pending"):
+            return status
+        if status == "running" or trial.trial_id not in self.ended:
+            return "interrupted"
+        return status
+
+
+INTERRUPT = _Interrupt()
+
+
+class _QuietTuneInterrupt(logging.Filter):
+    """Tune's own interrupt messages point at its Python API (Tuner.restore); raydistill prints its command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Tuner.restore(" in msg or "Stop signal received" in msg or "Trials did not complete" in msg)
 
 
 class SweepMonitor(_TuneCallback):
@@ -27,8 +84,29 @@ class SweepMonitor(_TuneCallback):
         self._last_print = 0.0
         self._last_table = ""
 
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        """Chain raydistill's interrupt bookkeeping before Tune's SIGINT handler (installed just before this)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            INTERRUPT.set()
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not INTERRUPT.event.is_set():
+            INTERRUPT.ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
     def _update(self, trials, force_print: bool = False) -> None:
-        rows = [R.trial_row(self.sweep, t) for t in trials]
+        if not INTERRUPT.event.is_set():
+            INTERRUPT.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        rows = sweep_rows(self.sweep, trials)
         if self.sweep.is_local:
             R.write_table(self.directory, rows)
         now = time.monotonic()
@@ -59,6 +137,8 @@ class SweepMonitor(_TuneCallback):
         self._update(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if not INTERRUPT.event.is_set():
+            INTERRUPT.ended.add(trial.trial_id)
         self._update(trials, force_print=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -66,6 +146,15 @@ class SweepMonitor(_TuneCallback):
 
     def on_experiment_end(self, trials, **info):
         self._update(trials, force_print=True)
+
+
+def sweep_rows(sweep: Sweep, trials) -> list[dict[str, Any]]:
+    rows = []
+    for t in trials:
+        row = R.trial_row(sweep, t)
+        row["status"] = INTERRUPT.status(t, row["status"])
+        rows.append(row)
+    return rows
 
 
 def trial_name(trial) -> str:
@@ -83,8 +172,21 @@ def _search_alg(sweep: Sweep, concurrency: int):
         except ImportError:
             raise ConfigError("search.algorithm optuna needs optuna: pip install 'raydistill[optuna]'") from None
         return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search.seed)
-    # Tune ignores max_concurrent_trials for a generator: it takes the limit itself.
+    # The generator takes the concurrency limit itself (Tune would ignore, with a warning, a second one).
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=concurrency)
+
+
+def tune_config(sweep: Sweep, concurrency: int):
+    """The TuneConfig: the concurrency limit is passed once, where it is used (the basic generator's own
+    ``max_concurrent``; a Searcher such as Optuna gets Tune's ``max_concurrent_trials``)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search = _search_alg(sweep, concurrency)
+    own_limit = isinstance(search, BasicVariantGenerator)
+    return tune.TuneConfig(num_samples=sweep.spec.num_samples, search_alg=search, scheduler=_scheduler(sweep),
+                           max_concurrent_trials=None if own_limit else concurrency,
+                           trial_name_creator=trial_name, trial_dirname_creator=trial_name)
 
 
 def _scheduler(sweep: Sweep):
@@ -143,10 +245,34 @@ def _grid_space(sweep: Sweep) -> dict:
 
 
 def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; return where its outputs are and the best trial."""
+    """Run (or resume) the sweep; return where its outputs are and the best trial.
+
+    SIGINT: no new trial starts, running trials stop, the table marks them "interrupted" and ``Interrupted``
+    (exit status 130) says how to resume."""
+    try:
+        return _run_sweep(sweep, resume_path)
+    except KeyboardInterrupt:  # before Tune started, or a second Ctrl-C while it wound down
+        started = sweep.is_local and (Path(sweep.dir) / "tuner.pkl").exists()
+        raise Interrupted("interrupted; " + (f"resume with: raydistill sweep --resume {sweep.dir}" if started else
+                                             "no trial had started: rerun the same command")) from None
+
+
+def _check_cluster(sweep: Sweep, timeout_s: float) -> None:
+    """A trial the cluster can never hold is refused before Tune starts (unless scaling is swept: then each
+    trial checks its own)."""
+    from raydistill.train import cluster
+
+    if any(d.path == "scaling" or d.path.startswith("scaling.") for d in sweep.dims):
+        return
+    cluster.ensure_fits(sweep.base_config().scaling, timeout_s, reserved=[{"CPU": sweep.spec.driver_cpus}],
+                        what="each trial")
+
+
+def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     from ray import tune
 
-    from raydistill.train.launcher import init_ray, with_teacher
+    from raydistill.train import cluster
+    from raydistill.train.launcher import init_ray, joined_existing_cluster, with_teacher
     from raydistill.train.plan import prepare
 
     spec = sweep.spec
@@ -162,14 +288,18 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(base_cfg)
+    timeout = cluster.resource_timeout(base_cfg.scaling, joined_existing_cluster(base_cfg))
+    _check_cluster(sweep, timeout)
     # Train a preset teacher once here, so concurrent trials find it cached instead of racing to train it.
     with_teacher(base_cfg, prepare(base_cfg))
     directory = sweep.dir
+    INTERRUPT.reset(Path(directory) / INTERRUPTED if sweep.is_local else None)
     if sweep.is_local:
         Path(directory).mkdir(parents=True, exist_ok=True)
         if resume_path is None:
-            (Path(directory) / R.SWEEP_FILE).write_text(sweep.to_yaml())
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep), {"CPU": spec.driver_cpus})
+            write_text_atomic(Path(directory) / R.SWEEP_FILE, sweep.to_yaml())
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep, resource_timeout_s=timeout),
+                                    {"CPU": spec.driver_cpus})
     concurrency = spec.max_concurrent_trials or default_concurrency(sweep)
     if resume_path is not None:
         tuner = tune.Tuner.restore(resume_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -180,18 +310,39 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
         print(f"[raydistill] sweep {spec.name}: {n} trials, up to {concurrency} at a time -> {directory}",
               flush=True)
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=_search_alg(sweep, concurrency),
-                                        scheduler=_scheduler(sweep), max_concurrent_trials=concurrency,
-                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            trainable, param_space=space, tune_config=tune_config(sweep, concurrency),
             run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec.storage_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[SweepMonitor(sweep, directory)]))
-    grid = tuner.fit()
+    quiet = _QuietTuneInterrupt()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(quiet)
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_logger.removeFilter(quiet)
+        if INTERRUPT.marker is not None and INTERRUPT.marker.exists():
+            INTERRUPT.marker.unlink()
+    if INTERRUPT.event.is_set():
+        raise Interrupted(interrupted_summary(sweep, directory, grid))
     out = finish(sweep, directory, grid)
     out["free_cpus"], out["total_cpus"] = _settled_cpus()
     print(f"[raydistill] cluster after the sweep: {out['free_cpus']:g} of {out['total_cpus']:g} CPUs free", flush=True)
     return out
+
+
+def interrupted_summary(sweep: Sweep, directory: str, grid) -> str:
+    """Write the table as the interruption left it; return the message: counts and how to resume."""
+    trials = list(getattr(grid, "_experiment_analysis").trials)
+    rows = sweep_rows(sweep, trials)
+    if sweep.is_local:
+        R.write_table(directory, rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return (f"sweep {sweep.spec.name} interrupted ({states}); finished trials are kept. Resume with: "
+            f"raydistill sweep --resume {directory}")
 
 
 def _settled_cpus(timeout_s: float = 30.0) -> tuple[float, float]:

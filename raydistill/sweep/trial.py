@@ -12,15 +12,46 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raydistill.fsutil import write_text_atomic
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import trial_values
 
 TRIAL_LOG = "trial.jsonl"  # one line per driver start and end: how resumes are audited
+FINAL_RESULT = "final_result.json"  # the trial's last report, written before its end event
+INTERRUPTED = ".interrupted"  # in the sweep directory while an interrupted sweep winds down
+INTERRUPT_WAIT_S = 60.0
 
 
 def _log(trial_dir: Path, event: str, **fields: Any) -> None:
     with open(trial_dir / TRIAL_LOG, "a") as f:
         f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        f.flush()
+
+
+def events(trial_dir: str | Path) -> list[dict[str, Any]]:
+    try:
+        lines = (Path(trial_dir) / TRIAL_LOG).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by a kill
+            pass
+    return out
+
+
+def finished_result(trial_dir: str | Path) -> dict[str, Any] | None:
+    """The last report of a trial that finished (its end event and saved result), or None: what a resumed sweep
+    reports again instead of running the trial a second time."""
+    trial_dir = Path(trial_dir)
+    if not any(e.get("event") == "end" for e in events(trial_dir)):
+        return None
+    try:
+        return json.loads((trial_dir / FINAL_RESULT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def bench_scores(summary) -> dict[str, float]:
@@ -40,13 +71,26 @@ def run_benchmarks(sweep: Sweep, cfg, model_dir: str, trial_dir: Path) -> dict[s
     # The built-in tasks come from the same generated world as the training corpus.
     settings = EvalSettings(**{"builtin_seed": cfg.data.builtin.seed, **spec.settings})
     report = evaluate(model_dir, spec.tasks, settings, spec.data_dir, use_ray=True)
-    (trial_dir / "bench.json").write_text(json.dumps(
+    write_text_atomic(trial_dir / "bench.json", json.dumps(
         {"summary": [asdict(r) for r in report.summary], "rows": [asdict(r) for r in report.rows],
          "wall_s": report.wall_s, "notes": report.notes}, indent=2))
     return bench_scores(report.summary)
 
 
-def trial_driver(config: dict[str, Any], sweep: Sweep) -> None:
+def _wait_if_interrupted(sweep: Sweep) -> None:
+    """A trial Tune starts while an interrupted sweep winds down does no work: it waits to be stopped (Tune's
+    saved state still lists it as unfinished, so ``--resume`` runs it)."""
+    marker = Path(sweep.dir) / INTERRUPTED
+    if not (sweep.is_local and marker.exists()):
+        return
+    deadline = time.monotonic() + INTERRUPT_WAIT_S
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if marker.exists():
+        raise RuntimeError("the sweep was interrupted before this trial started; raydistill sweep --resume runs it")
+
+
+def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float | None = None) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -60,15 +104,25 @@ def trial_driver(config: dict[str, Any], sweep: Sweep) -> None:
     if sweep.is_local:
         trial_dir = Path(sweep.dir) / trial_dir.name
     trial_dir.mkdir(parents=True, exist_ok=True)
+    _wait_if_interrupted(sweep)
+    done = finished_result(trial_dir)
+    if done is not None:  # finished before the sweep was interrupted or killed: report it again, run nothing
+        _log(trial_dir, "restored", trial_id=ctx.get_trial_id())
+        tune.report(done)
+        return
     _log(trial_dir, "start", trial_id=ctx.get_trial_id())
     values = trial_values(sweep.dims, config)
     cfg = sweep.trial_config(values, output_dir=str(trial_dir), name=ctx.get_trial_id())
-    (trial_dir / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    write_text_atomic(trial_dir / "config.resolved.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
     plan = with_teacher(cfg, prepare(cfg))
     # Checkpoints go to the sweep's storage (shared or cloud storage on a multi-node cluster).
     storage = None if sweep.is_local else f"{sweep.dir}/{trial_dir.name}/train"
-    summary = fit(plan, callbacks=[TuneReportCallback()], storage_path=storage)
+    summary = fit(plan, callbacks=[TuneReportCallback()], storage_path=storage, resource_timeout_s=resource_timeout_s,
+                  reserved=[{"CPU": sweep.spec.driver_cpus}])
     final = {k: v for k, v in (summary["final_metrics"] or {}).items() if isinstance(v, (int, float))}
     scores = run_benchmarks(sweep, cfg, plan.export_dir, trial_dir)
-    tune.report({**final, **scores, "step": cfg.train.max_steps, "export_dir": plan.export_dir, "finished": 1})
+    result = {**final, **scores, "step": cfg.train.max_steps, "export_dir": plan.export_dir, "finished": 1}
+    # Saved, then the end event, then reported: once the end event exists the trial never runs again.
+    write_text_atomic(trial_dir / FINAL_RESULT, json.dumps(result))
     _log(trial_dir, "end", **scores)
+    tune.report(result)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from raydistill.config import ExperimentConfig, TrainSpec, dump_config
-from raydistill.errors import RaydistillError
+from raydistill.fsutil import write_text_atomic
+from raydistill.train import checkpoints, cluster
+from raydistill.train.faults import Interrupted, RunFailure, clear_failure, failure_message, read_failure
 from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
 
+RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
 
-class TrainingFailed(RaydistillError):
-    pass
+
+class TrainingFailed(RunFailure):
+    """Training did not complete (exit status 1); the message says why and what to do."""
 
 
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -26,6 +33,22 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     return env
 
 
+def joined_existing_cluster(cfg: ExperimentConfig) -> bool:
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _watchdog(seconds: float, message: str) -> threading.Timer:
+    """Exit with ``message`` (status 2) if not cancelled within ``seconds``: ray.init can block in native code."""
+    def fire():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     import ray
 
@@ -35,27 +58,87 @@ def init_ray(cfg: ExperimentConfig) -> None:
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
         kwargs.update(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
-    ctx = ray.init(address=address, **kwargs)
+        # A driver killed with SIGKILL leaves its local cluster's agents running for a minute or two.
+        stopped = cluster.cleanup_orphans()
+        if stopped:
+            print(f"[raydistill] stopped {len(stopped)} Ray processes left by a killed run (their raylet was gone): "
+                  f"{stopped}", flush=True)
+    else:
+        cluster.check_address(address)  # a refused or silent address fails in seconds, not after minutes
+    timer = _watchdog(RAY_INIT_TIMEOUT_S, f"ray.address {address!r}: no Ray cluster answered within "
+                      f"{RAY_INIT_TIMEOUT_S:g} s; allowed: the address of a running Ray cluster's head") if address \
+        else None
+    try:
+        ctx = ray.init(address=address, **kwargs)
+    finally:
+        if timer is not None:
+            timer.cancel()
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(f"[raydistill] Ray dashboard: http://{url}", flush=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_TRAINER_CLASS = None
 
 
-def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None = None) -> dict:
+def _trainer_class():
+    """TorchTrainer whose ``fit`` leaves SIGINT to raydistill. Ray Train's own handler asks the controller to
+    abort "gracefully", and the workers train on for several steps meanwhile; raydistill stops them at once."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        from ray.train.torch import TorchTrainer
+
+        class Trainer(TorchTrainer):
+            controller = None
+
+            def _register_sigint_handler(self, controller):  # noqa: D401 - Ray Train hook, called in fit()
+                self.controller = controller
+
+        _TRAINER_CLASS = Trainer
+    return _TRAINER_CLASS
+
+
+def _stop_controller(trainer) -> None:
+    """Kill the run's controller; its workers, which it owns, go with it."""
+    import ray
+
+    controller = getattr(trainer, "controller", None)
+    if controller is not None:
+        try:
+            ray.kill(controller, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def _last_logged_step(out: Path) -> int | None:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def latest_checkpoint_step(run_storage: Path) -> int | None:
+    """The newest step a complete-looking checkpoint of the run holds (from the manifests; not verified)."""
+    steps = [checkpoints.manifest_step(p) for p in run_storage.glob(f"{checkpoints.CHECKPOINT_PREFIX}*")
+             if p.is_dir()] if run_storage.is_dir() else []
+    steps = [s for s in steps if s is not None]
+    return max(steps) if steps else None
+
+
+def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None = None,
+        resource_timeout_s: float | None = None, reserved: list[dict[str, float]] = ()) -> dict:
     """Run the plan on Ray Train; return a summary with the final metrics (those of the last checkpoint).
 
     ``callbacks`` are Ray Train callbacks (a sweep forwards reports to Tune with one); ``storage_path`` is
-    where Ray keeps checkpoints (default OUTPUT_DIR/ray; s3:// and gs:// pass through)."""
+    where Ray keeps checkpoints (default OUTPUT_DIR/ray; s3:// and gs:// pass through). ``resource_timeout_s``
+    overrides how long to wait for the cluster to offer the workers' resources; ``reserved`` are bundles
+    placed besides the workers (a sweep trial's driver).
+
+    Raises ``TrainingFailed`` (one message: a non-finite loss, a file that does not load, a worker error) and
+    ``Interrupted`` (SIGINT: the workers are stopped at once)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from raydistill.train.worker import train_loop_per_worker
 
@@ -63,7 +146,12 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     for note in plan.notes:
         print(f"[raydistill] note: {note}", flush=True)
     out = Path(plan.output_dir)
-    _write_atomic(out / ("config.yaml" if plan.mode == "distill" else "teacher_config.yaml"), dump_config(cfg))
+    # Refuse what the cluster cannot hold before Ray Train starts retrying to place the workers forever.
+    timeout = resource_timeout_s if resource_timeout_s is not None else cluster.resource_timeout(
+        cfg.scaling, joined_existing_cluster(cfg))
+    cluster.ensure_fits(cfg.scaling, timeout, reserved=list(reserved),
+                        what="the teacher's pretraining" if plan.mode == "teacher" else "the run")
+    write_text_atomic(out / ("config.yaml" if plan.mode == "distill" else "teacher_config.yaml"), dump_config(cfg))
     if plan.blocks is not None:  # ship the packed corpus through the object store (works across nodes)
         plan.blocks_ref = ray.put(plan.blocks)
         plan.blocks = None
@@ -71,24 +159,45 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}),
                  **s.resources_per_worker}
     name = cfg.name if plan.mode == "distill" else f"{cfg.name}-teacher"
-    trainer = TorchTrainer(
+    run_storage = Path(storage_path or str(out / "ray")) / name
+    attempt = uuid.uuid4().hex  # tags the reason the workers leave if they stop early
+    clear_failure(out)
+    trainer = _trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path or str(out / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+                             # Two at least: a damaged newest checkpoint leaves an intact one to resume from.
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints))))
     start = time.perf_counter()
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        _stop_controller(trainer)
+        step, ckpt = _last_logged_step(out), latest_checkpoint_step(run_storage)
+        raise Interrupted(
+            f"interrupted{f' after step {step}' if step else ''}; the workers were stopped. Rerun the same command "
+            f"(same name and output_dir) to resume from "
+            + (f"the latest checkpoint (step {ckpt})" if ckpt else "the start (no checkpoint was written yet)")
+            + f" under {run_storage}") from None
     except Exception as e:  # Ray wraps worker errors; show the cause, keep the run resumable
+        message = failure_message(e) or read_failure(out, attempt)
+        if message:
+            raise TrainingFailed(message) from None
         raise TrainingFailed(f"training failed: {e}\nrerun the same command to resume from the latest "
-                             f"checkpoint under {out / 'ray' / name}") from None
+                             f"checkpoint under {run_storage}") from None
+    message = read_failure(out, attempt)
+    if message:
+        raise TrainingFailed(message)
     metrics = dict(result.metrics or {})
+    if metrics.get("step") is not None and metrics["step"] < cfg.train.max_steps:
+        raise TrainingFailed(f"training ended at step {metrics['step']} of {cfg.train.max_steps} without an export "
+                             "(the workers stopped early; see the log above)")
     summary = {"mode": plan.mode, "name": cfg.name, "export_dir": plan.export_dir,
                "wall_time_s": round(time.perf_counter() - start, 2), "final_metrics": metrics}
-    _write_atomic(out / ("summary.json" if plan.mode == "distill" else "teacher_summary.json"),
-                  json.dumps(summary, indent=2))
+    write_text_atomic(out / ("summary.json" if plan.mode == "distill" else "teacher_summary.json"),
+                      json.dumps(summary, indent=2))
     return summary
 
 
@@ -126,5 +235,8 @@ def with_teacher(cfg: ExperimentConfig, plan: RunPlan) -> RunPlan:
 def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
     """Everything ``raydistill train`` / ``raydistill teacher`` does. All validation precedes ``ray.init``."""
     plan = prepare(cfg, mode=mode)
-    init_ray(cfg)
-    return fit(with_teacher(cfg, plan))
+    try:
+        init_ray(cfg)
+        return fit(with_teacher(cfg, plan))
+    except KeyboardInterrupt:  # outside a fit (starting Ray): nothing to stop yet
+        raise Interrupted("interrupted before training started; rerun the same command to start") from None

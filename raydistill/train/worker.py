@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -32,7 +31,10 @@ from raydistill.generation import (GenerationCache, generate_responses, generati
 from raydistill.models.adapters import eval_mode
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
 from raydistill.objectives import build_objectives
+from raydistill.fsutil import normalise_modes, swap_dir, write_atomic, write_text_atomic
+from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
+from raydistill.train.faults import NonFiniteGuard, NonFiniteLoss, RunFailure, nonfinite, write_failure
 from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import RunPlan
 from raydistill.train.progress import ProgressPrinter
@@ -40,6 +42,13 @@ from raydistill.train.schedule import lr_lambda
 from raydistill.train.step import DistillModule
 
 CKPT_TAG = "state"
+
+
+class _ResumeChoice:
+    """Rank 0's decision on what to resume from, shared with every rank."""
+
+    def __init__(self, path: str | None, step: int | None, notes: list[str], error: str | None = None):
+        self.path, self.step, self.notes, self.error = path, step, notes, error
 
 
 def _step_seed(*parts: int) -> int:
@@ -61,11 +70,12 @@ def _param_groups(module: torch.nn.Module, weight_decay: float):
 class Worker:
     """State of one rank. ``run()`` is the whole job; methods are its steps, in order."""
 
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, attempt: str | None = None):
         import ray.train
         import ray.train.torch
 
         self.plan, self.cfg = plan, plan.cfg
+        self.attempt = attempt  # the driver's token for this fit: tags the failure note it reads back
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -79,13 +89,17 @@ class Worker:
 
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank
-        teacher = None
-        if plan.teacher_config is not None:  # distillation (a preset teacher has no source: random init)
-            teacher = build_model(plan.teacher_config, plan.teacher_source, plan.teacher_revision)
-            teacher.requires_grad_(False).eval()
-        student = build_model(plan.student_config, plan.student_source, plan.student_revision)
-        if plan.init_layers is not None:
-            init_from_teacher(student, teacher, plan.init_layers, plan.block_paths[0])
+        teacher, student, error = None, None, None
+        try:
+            if plan.teacher_config is not None:  # distillation (a preset teacher has no source: random init)
+                teacher = self._load("teacher", plan.teacher_config, plan.teacher_source, plan.teacher_revision)
+                teacher.requires_grad_(False).eval()
+            student = self._load("student", plan.student_config, plan.student_source, plan.student_revision)
+            if plan.init_layers is not None:
+                init_from_teacher(student, teacher, plan.init_layers, plan.block_paths[0])
+        except RunFailure as e:
+            error = e.message
+        self._agree(error)  # every rank stops together (a rank alone would hang in DeepSpeed's collectives)
         if cfg.train.precision != "fp32" and teacher is not None:
             teacher.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
 
@@ -127,6 +141,29 @@ class Worker:
                       seed=_step_seed(t.seed, zlib.crc32(name.encode())))
             self.stream_data[name] = (BatchSampler(stream.blocks[0], plan.token_info, grad_accum=t.grad_accum, **kw),
                                       BatchSampler(stream.blocks[1], plan.token_info, grad_accum=1, **kw))
+
+    @staticmethod
+    def _load(role: str, config, source: str | None, revision: str | None) -> torch.nn.Module:
+        """``build_model``, with a weight file that does not load named in one line."""
+        try:
+            return build_model(config, source, revision)
+        except Exception as e:  # noqa: BLE001 - the cause is named in the message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = f"{role} weights in {source}" if source else f"{role} ({role} preset)"
+            files = sorted(p.name for p in Path(source).glob("*.safetensors")) + sorted(
+                p.name for p in Path(source).glob("*.bin")) if source and Path(source).is_dir() else []
+            named = f" ({', '.join(files)})" if files else ""
+            raise RunFailure(f"cannot load the {where}{named}: {type(e).__name__}: {first[:300]}") from None
+
+    def _agree(self, error: str | None) -> None:
+        """Raise ``RunFailure`` on every rank when any rank has an error (the first rank's message)."""
+        errors = [error]
+        if self.world > 1:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise RunFailure(first)
 
     # ------------------------------------------------------------------------------------------- generation
     def _broadcast(self, obj: Any) -> Any:
@@ -221,17 +258,58 @@ class Worker:
         return {**new, "sample_ids": batch["sample_ids"]}
 
     def resume(self) -> int:
-        """Load the latest checkpoint Ray Train hands back (after a failure or a rerun); return its step."""
+        """Load the latest intact checkpoint (after a failure or a rerun); return its step.
+
+        Ray Train hands back the latest reported checkpoint; rank 0 checks it against its manifests first and,
+        if it is damaged (truncated, deleted or corrupt files, a rank's files missing), takes the newest intact
+        checkpoint beside it instead, saying which and why. Every rank then loads rank 0's choice."""
         import ray.train
+        from pyarrow.fs import LocalFileSystem
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return 0
-        with checkpoint.as_directory() as path:
+        if not isinstance(checkpoint.filesystem, LocalFileSystem):  # remote storage: check the downloaded copy
+            with checkpoint.as_directory() as path:
+                state = checkpoints.inspect(path)
+                error = None if state.intact else (f"checkpoint {checkpoint.path} is damaged ({state.problem}); "
+                                                   "delete it to resume from the one before")
+                self._agree(error)
+                return self._load_checkpoint(path, str(checkpoint.path))
+        choice = None
+        if self.is_main:
+            chosen, rejected = checkpoints.choose(checkpoint.path)
+            notes = [f"checkpoint {r.path} is damaged ({r.problem}); not used" for r in rejected]
+            if chosen is None:
+                choice = _ResumeChoice(None, None, notes, error=(
+                    f"no intact checkpoint to resume from: {'; '.join(notes)}. Delete {Path(checkpoint.path).parent} "
+                    "to start over"))
+            else:
+                if rejected:
+                    notes.append(f"resuming from the newest intact checkpoint {chosen.path} (step {chosen.step})")
+                choice = _ResumeChoice(str(chosen.path), chosen.step, notes)
+        choice = self._broadcast(choice)
+        if self.is_main:
+            for note in choice.notes:
+                print(f"[raydistill] {note}", flush=True)
+        if choice.error:
+            raise RunFailure(choice.error)
+        return self._load_checkpoint(choice.path, choice.path)
+
+    def _load_checkpoint(self, path: str, name: str) -> int:
+        error, step = None, 0
+        try:
             _, client_state = self.engine.load_checkpoint(path, tag=CKPT_TAG)
-        step = int(client_state["step"])
+            if client_state is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint '{CKPT_TAG}' in it")
+            step = int(client_state["step"])
+        except Exception as e:  # noqa: BLE001 - named in one line
+            first = (str(e).strip().splitlines() or [""])[0]
+            error = f"cannot load checkpoint {name}: {type(e).__name__}: {first[:300]}"
+        self._agree(error)
         if self.is_main:
             print(f"[raydistill] resumed from checkpoint at step {step}", flush=True)
+        self.checkpoint_step = step
         return step
 
     # ------------------------------------------------------------------------------------------- loop
@@ -393,9 +471,12 @@ class Worker:
 
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+            # This rank's files with their sizes and checksums: a resume checks them before loading.
+            checkpoints.write_manifest(tmp, self.rank, self.world, step)
             if self.world > 1:
                 dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.checkpoint_step = step
 
     def export(self, step: int) -> None:
         """Write the student in save_pretrained layout (safetensors) with its tokenizer, from rank 0."""
@@ -412,11 +493,11 @@ class Worker:
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.engine.module.student, self.plan.tokenizer, tmp, state_dict=student_state)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)  # readers never see a half-written model
-        torch.save(probe, export_dir.parent / f"{export_dir.name}_probe.pt")
-        with open(export_dir / "raydistill.json", "w") as f:
-            json.dump({"step": step, "mode": self.plan.mode, "name": self.cfg.name}, f)
+        write_text_atomic(tmp / "raydistill.json", json.dumps({"step": step, "mode": self.plan.mode,
+                                                               "name": self.cfg.name}))
+        normalise_modes(tmp)  # safetensors writes model.safetensors 0600; give it its siblings' mode
+        swap_dir(tmp, export_dir)  # readers see the old model or the new one, never none or half of one
+        write_atomic(export_dir.parent / f"{export_dir.name}_probe.pt", lambda p: torch.save(probe, p))
 
     def _probe(self) -> dict[str, torch.Tensor]:
         """Logits of the trained model on a fixed validation batch, to check the export against."""
@@ -429,13 +510,26 @@ class Worker:
                 "logits": logits.float().cpu()}
 
     def run(self) -> None:
+        """The whole job. A ``RunFailure`` every rank agrees on (a non-finite loss, a weight file or checkpoint
+        that does not load) ends it cleanly: rank 0 leaves the reason for the driver, and the workers return
+        instead of raising, so Ray Train neither retries a failure that would recur nor prints tracebacks."""
+        try:
+            self._run()
+        except RunFailure as e:
+            if self.is_main:
+                write_failure(self.output_dir, self.attempt, e.message)
+                print(f"[raydistill] {e.message}", flush=True)
+
+    def _run(self) -> None:
         import ray.train
 
         if self.cfg.scaling.keep_freed_host_memory and not keep_freed_host_memory() and self.is_main:
             print("[raydistill] scaling.keep_freed_host_memory: not glibc, malloc left as it is", flush=True)
+        self.checkpoint_step: int | None = None
         self.build()
         start = self.resume()
         t = self.cfg.train
+        guard = NonFiniteGuard(t.nonfinite)
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         for step in range(start + 1, t.max_steps + 1):
@@ -443,13 +537,24 @@ class Worker:
             if t.fail_at_step == step and not marker.exists():  # once per rank, so a restart gets past it
                 marker.touch()
                 raise RuntimeError(f"train.fail_at_step={step}: simulated failure (testing aid)")
+            skipped_before = self.engine.skipped_steps
             logs, tokens = self.train_step(step)
             window_tokens += tokens
             window_steps += 1
+            # The logs are already reduced over workers (host floats): checking them costs nothing, and every
+            # rank reaches the same verdict.
+            failure = None
+            try:
+                note = guard.check(step, logs, applied=self.engine.skipped_steps == skipped_before,
+                                   checkpoint_step=self.checkpoint_step)
+            except NonFiniteLoss as e:
+                note, failure = None, e
+            if note and self.is_main:
+                print(f"[raydistill] {note}", flush=True)
             last = step == t.max_steps
-            do_log = step % t.log_every == 0 or last
-            do_eval = (t.eval_every and step % t.eval_every == 0) or last
-            do_ckpt = (t.checkpoint_every and step % t.checkpoint_every == 0) or last
+            do_log = step % t.log_every == 0 or last or failure is not None or note is not None
+            do_eval = ((t.eval_every and step % t.eval_every == 0) or last) and failure is None
+            do_ckpt = ((t.checkpoint_every and step % t.checkpoint_every == 0) or last) and failure is None
             # A Ray report is a barrier costing about a second here: only evaluations, checkpoints and
             # report_every steps (what Tune schedulers act on) pay for one; logging is local.
             do_report = do_eval or do_ckpt or bool(t.report_every and step % t.report_every == 0)
@@ -458,14 +563,28 @@ class Worker:
             elapsed = time.perf_counter() - window_start
             metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps}
+            if guard.skipped:
+                metrics["skipped_steps"] = guard.skipped
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
                 metrics.update(self.evaluate())
+                bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")})
+                if bad:  # weights that give a non-finite validation loss are corrupt: never export them
+                    terms = ", ".join(f"{k}={v!r}" for k, v in sorted(bad.items()))
+                    failure = NonFiniteLoss(
+                        f"non-finite validation at step {step}: {terms}. The run stopped there and nothing was "
+                        f"exported; " + (f"the latest checkpoint (step {self.checkpoint_step}) is intact"
+                                         if self.checkpoint_step else "no checkpoint was written before it"))
+                    do_ckpt = False
             progress.log(metrics)
+            if failure is not None:
+                progress.close()
+                raise failure
             if do_ckpt:
                 self.checkpoint_and_report(step, metrics)
             elif do_report:
                 ray.train.report(metrics)
+        guard.check_trained(t.max_steps)
         self.export(t.max_steps)
         if self.world > 1:
             dist.barrier()
@@ -474,4 +593,4 @@ class Worker:
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point Ray Train runs on every worker."""
-    Worker(config["plan"]).run()
+    Worker(config["plan"], attempt=config.get("attempt")).run()
