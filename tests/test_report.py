@@ -318,7 +318,7 @@ def test_report_of_a_synthetic_sweep_through_a_file_uri(tmp_path):
                      "paired_families"}
     md = Path(out["markdown"]).read_text()
     assert "| teacher" in md and "gap closed builtin-qa/f1" in md  # teacher row and gap closed
-    assert "Based on 12 trials" in md
+    assert "Based on 12 trials" in md and "Final IIA per aligned pair" in md and "| val/iia/t3-s1" in md
     assert "Paired comparison of objective families" in md and "| iit " in md
     # gap closed: (student - baseline) / (teacher - baseline), baseline = mean of the task-only trials
     base = data.table.loc[data.table["family"] == "baseline", "bench/builtin-qa/f1"].mean()
@@ -355,6 +355,7 @@ def test_report_command_errors_and_default_output(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert isinstance(result.exception, ConfigError) and "no results table" in str(result.exception)
     directory = write_sweep(tmp_path, seeds=(0,))
+    assert any("no trial has a column 'bench/nope'" in n for n in load_sweep(str(directory), "bench/nope").notes)
     result = runner.invoke(app, ["report", str(directory), "--metric", "bench/builtin-ppl/perplexity"])
     assert result.exit_code == 0, result.output
     md = (directory / "report" / "report.md").read_text()

@@ -224,6 +224,17 @@ def iia(d: SweepData) -> Section:
         rows.append({"score": y, "n": c["n"], "spearman_rho": c["rho"], "p_value": c["p_value"]})
         titles.append(f"{y.removeprefix('bench/')}\nρ={_f(c['rho'])}, p={_f(c['p_value'])}, n={c['n']}")
     s.add_table(pd.DataFrame(rows))
+    per_pair = []  # the last evaluation's IIA of each aligned pair, from each trial's metrics.jsonl
+    for row in d.table.to_dict("records"):
+        curves = d.trials[row["trial"]].curves
+        cols = [] if curves is None else [c for c in curves.columns if c.startswith("val/iia/") and c != x]
+        last = {c: curves[c].dropna().iloc[-1] for c in cols if curves[c].notna().any()}
+        if last:
+            per_pair.append({"trial": row["trial"], "family": row["family"], **{p: row[p] for p in d.params},
+                             **dict(sorted(last.items()))})
+    if per_pair:
+        s.text("Final IIA per aligned pair (val/iia/t<teacher layer>-s<student layer>, last evaluation):")
+        s.add_table(pd.DataFrame(per_pair))
     s.figure("iia_vs_scores", "final mean IIA against each downstream score",
              F.scatter_panels(d.table, x, ys, titles, "val/iia/mean (final)", teacher=d.teacher))
     return s

@@ -230,6 +230,9 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
             metric = bench[0] if bench else ("val/loss" if "val/loss" in table.columns else None)
             if metric:
                 notes.append(f"metric {metric!r} chosen by the report (give --metric to choose)")
+    if metric and metric not in table.columns:
+        known = [c for c in table.columns if c.startswith(("bench/", "val/")) or c == "loss"]
+        notes.append(f"no trial has a column {metric!r} (yet); the table has: {', '.join(known) or 'no metric'}")
     if mode is None:
         if metric is not None and metric == sweep_metric and (spec or {}).get("mode") in ("min", "max"):
             mode = spec["mode"]
@@ -238,11 +241,7 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
             if metric:
                 notes.append(f"mode for {metric!r} taken as {mode!r} from its name (give --mode to choose)")
 
-    trials: dict[str, Trial] = {}
-    families, seeds, tokens = [], [], []
-    space = (spec or {}).get("space") or {}
-    for row in table.to_dict("records"):
-        tid = row["trial"]
+    def read_trial(tid: str) -> Trial:
         folder = f"trial_{tid}"
         t = Trial(id=tid, folder=folder)
         if folder in folders:
@@ -250,7 +249,17 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
             t.curves = _read_curves(store, folder)
             t.bench = store.read_json(f"{folder}/bench.json")
             t.events = store.read_jsonl(f"{folder}/trial.jsonl")
-        trials[tid] = t
+        return t
+
+    # Reading is I/O (object stores answer each request in tens of milliseconds): trials in parallel.
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = table.to_dict("records")
+    with ThreadPoolExecutor(max_workers=1 if store.is_local else 16) as pool:
+        trials: dict[str, Trial] = {t.id: t for t in pool.map(read_trial, [r["trial"] for r in records])}
+    families, seeds, tokens = [], [], []
+    for row in records:
+        t = trials[row["trial"]]
         cfg = t.config or _spec_config(spec, row)
         families.append(objective_family(_get_path(cfg, "objectives")))
         seed = _get_path(cfg, "train.seed")
@@ -266,6 +275,7 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     # A configuration: every swept value except seeds; trials sharing one are replicates.
     table["configuration"] = ([", ".join(f"{p.removeprefix('config/')}={_short_value(v)}" for p, v in zip(params, r))
                                for r in table[params].itertuples(index=False)] if params else "all")
+    space = (spec or {}).get("space") or {}
     log_params = {f"config/{p}" for p, d in space.items() if isinstance(d, dict) and "loguniform" in d}
 
     teacher = None
