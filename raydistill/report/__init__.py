@@ -20,7 +20,9 @@ def default_output(location: str) -> Path:
     """Beside the sweep's files for a local sweep (STORAGE_PATH/NAME/report); ./NAME-report otherwise."""
     if "://" not in location or location.startswith("file://"):
         return Path(location.removeprefix("file://")).expanduser() / "report"
-    return Path(f"{location.rstrip('/').rsplit('/', 1)[-1].split('?')[0]}-report")
+    from raydistill.report.store import display_location
+
+    return Path(f"{display_location(location).rstrip('/').rsplit('/', 1)[-1]}-report")
 
 
 def build_report(location: str, output: str | Path | None = None, metric: str | None = None,

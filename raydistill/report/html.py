@@ -16,7 +16,8 @@ nav ol { columns: 2; } p.how { color: #555; font-size: .92em; background: #f6f8f
        border-left: 3px solid #bbb; }
 .scroll { overflow-x: auto; margin: .6em 0; }
 table { border-collapse: collapse; font-size: .82em; } th, td { border: 1px solid #ddd; padding: 2px 6px;
-       text-align: right; white-space: nowrap; } th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+       text-align: right; white-space: nowrap; } th { background: #f0f0f0; }
+tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .85em; color: #555; }
 """

@@ -303,7 +303,8 @@ def seeds(d: SweepData) -> Section:
         s.text(f"Paired comparison of objective families on {d.metric} (mean_diff = family_a − family_b; "
                f"{'negative' if d.mode == 'min' else 'positive'} favours family_a):")
         s.add_table(testable)
-        s.figure("paired_families", "each seed's metric per objective family", F.paired_slopes(paired.by_seed, d.metric))
+        s.figure("paired_families", "each seed's metric per objective family",
+                 F.paired_slopes(paired.by_seed, d.metric))
     return s
 
 

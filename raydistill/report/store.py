@@ -17,6 +17,16 @@ from typing import Any
 from raydistill.errors import ConfigError
 
 
+def display_location(location: str) -> str:
+    """The location without what may hold secrets: a URI's query string (``access_key=...``) and user info."""
+    if "://" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    rest = rest.split("?", 1)[0]
+    host, sep, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}{sep}{path}"
+
+
 class SweepStore:
     """One sweep directory (STORAGE_PATH/NAME) on some filesystem; paths below it are relative, '/'-separated."""
 
@@ -111,6 +121,6 @@ class SweepStore:
         if data is None:
             return None
         try:
-            return pd.read_csv(io.BytesIO(data))
+            return pd.read_csv(io.BytesIO(data), dtype={"trial": str})
         except pd.errors.EmptyDataError:
             return None

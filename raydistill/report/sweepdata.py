@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from raydistill.report.store import SweepStore
+from raydistill.report.store import SweepStore, display_location
 
 # Objectives that make a trial "IIT" or "TD"; anything else with a teacher is standard distillation.
 IIT_OBJECTIVES = ("iit", "iit_cosine")
@@ -221,7 +221,7 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     table = table.copy()
     table["trial"] = table["trial"].astype(str)
 
-    name = (spec or {}).get("name") or location.rstrip("/").rsplit("/", 1)[-1]
+    name = (spec or {}).get("name") or display_location(location).rstrip("/").rsplit("/", 1)[-1]
     sweep_metric = (spec or {}).get("metric")
     if metric is None:
         metric = sweep_metric
@@ -282,6 +282,6 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     tb = store.read_json("teacher/bench.json")
     if isinstance(tb, dict) and tb.get("summary"):
         teacher = {f"bench/{r['task']}/{r['metric']}": float(r["mean"]) for r in tb["summary"]}
-    return SweepData(location=location, name=name, metric=metric, mode=mode, spec=spec, table=table,
+    return SweepData(location=display_location(location), name=name, metric=metric, mode=mode, spec=spec, table=table,
                      params=params, seed_params=seed_params, trials=trials, teacher=teacher, notes=notes,
                      log_params=log_params)
