@@ -401,3 +401,15 @@ def test_report_from_s3_through_an_in_process_server(tmp_path, monkeypatch):
         assert remote.split("<a id=\"leaderboard\">")[1] == local.split("<a id=\"leaderboard\">")[1]
     finally:
         server.stop()
+
+
+def test_report_never_imports_the_training_code(tmp_path):
+    # A report can be built where torch, Ray and DeepSpeed are absent (a laptop reading a bucket).
+    directory = write_sweep(tmp_path, seeds=(0,))
+    code = ("import sys; from raydistill.report import build_report; "
+            f"build_report({str(directory)!r}, output={str(tmp_path / 'out')!r}); "
+            "print(sorted(m for m in ('torch', 'ray', 'deepspeed', 'transformers', 'raydistill.config', "
+            "'raydistill.train', 'raydistill.sweep', 'raydistill.eval', 'raydistill.objectives') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

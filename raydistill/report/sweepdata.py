@@ -143,13 +143,15 @@ def _missing(value: Any) -> bool:
 
 
 def _read_spec(store: SweepStore) -> dict | None:
-    from raydistill.config import yaml_load  # the project's YAML 1.2 reader (config module only, no torch)
+    import yaml
 
     text = store.read_text("sweep.yaml")
     if text is None:
         return None
     try:
-        data = yaml_load(text)
+        # The runner writes sweep.yaml with a SafeDumper (floats as 1.0e-06, number-like strings quoted), which
+        # safe_load reads back exactly; raydistill.config's reader would import the objectives (torch).
+        data = yaml.safe_load(text)
     except Exception:  # noqa: BLE001 - being written, or not YAML: report without it
         return None
     return data if isinstance(data, dict) else None
