@@ -44,6 +44,8 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
 
     export = Path(summary["export_dir"])
     assert (export / "model.safetensors").is_file()
+    # The trained context travels with the export: `raydistill eval` scores perplexity at that length.
+    assert json.loads((export / "raydistill.json").read_text())["block_size"] == 32
     cls = AutoModelForMaskedLM if preset == "tiny-bert" else AutoModelForCausalLM
     model = cls.from_pretrained(export).eval()
     assert model.config.num_hidden_layers == 2

@@ -493,8 +493,10 @@ class Worker:
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.engine.module.student, self.plan.tokenizer, tmp, state_dict=student_state)
+        # block_size: the context it was trained at, which `raydistill eval` scores perplexity with.
         write_text_atomic(tmp / "raydistill.json", json.dumps({"step": step, "mode": self.plan.mode,
-                                                               "name": self.cfg.name}))
+                                                               "name": self.cfg.name,
+                                                               "block_size": self.cfg.data.block_size}))
         normalise_modes(tmp)  # safetensors writes model.safetensors 0600; give it its siblings' mode
         swap_dir(tmp, export_dir)  # readers see the old model or the new one, never none or half of one
         write_atomic(export_dir.parent / f"{export_dir.name}_probe.pt", lambda p: torch.save(probe, p))
