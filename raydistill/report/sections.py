@@ -285,7 +285,10 @@ def seeds(d: SweepData) -> Section:
         s.text(f"No trial has reported {d.metric} yet.")
         return s
     table = S.replicate_intervals(d.table, d.metric)
-    if table.empty:
+    repeated = d.table["configuration"].duplicated(keep=False).any()
+    if table.empty and repeated:
+        s.text(f"Configurations repeat, but none has two trials with {d.metric} yet.")
+    elif table.empty:
         s.text("No configuration was run more than once: sweep the seed (space: {train.seed: {grid: [0, 1, 2]}}) "
                "or set num_samples > 1 to get confidence intervals.")
     else:
@@ -293,11 +296,14 @@ def seeds(d: SweepData) -> Section:
         s.figure("seed_intervals", "mean and 95% confidence interval per configuration",
                  F.intervals(table, d.table, d.metric))
     paired = S.paired_families(d.table, d.metric)
+    note = paired.note
+    if note and d.seed_params and d.table["family"].nunique() > 1:
+        note = f"no two families share two or more seeds with {d.metric} yet"
     if paired.table is None:
-        s.text("Paired comparison: " + paired.note + ".")
+        s.text("Paired comparison: " + note + ".")
         return s
-    if paired.note:
-        s.text("Paired comparison: " + paired.note + ".")
+    if note:
+        s.text("Paired comparison: " + note + ".")
     testable = paired.table[paired.table["n_seeds"] >= 2]
     if not testable.empty:
         s.text(f"Paired comparison of objective families on {d.metric} (mean_diff = family_a − family_b; "
