@@ -329,7 +329,10 @@ def test_report_of_a_synthetic_sweep_through_a_file_uri(tmp_path):
 def test_report_of_a_running_sweep_without_results_table(tmp_path):
     # What exists so far: trial folders (one still running, its last metrics line half-written), no results table.
     directory = write_sweep(tmp_path, seeds=(0,), with_table=False, running="abc_00001")
+    (directory / "trial_abc_00002" / "metrics.jsonl").unlink()  # as on s3, where Tune uploads only its own files
     data = load_sweep(str(directory))
+    assert data.trials["abc_00002"].curves.attrs["source"] == "tune"
+    assert list(data.trials["abc_00002"].curves["val/loss"]) == [2.2]
     status = dict(zip(data.table["trial"], data.table["status"]))
     assert status["abc_00001"] == "running" and list(status.values()).count("finished") == 3
     assert len(data.trials["abc_00001"].curves) == 2
@@ -339,6 +342,7 @@ def test_report_of_a_running_sweep_without_results_table(tmp_path):
     check_pngs(out["figures"])
     md = Path(out["markdown"]).read_text()
     assert "still running (1 trials running or pending)" in md
+    assert "for 1 of them no metrics.jsonl is in the storage" in md
     assert "No configuration was run more than once" in md
 
 

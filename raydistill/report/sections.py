@@ -188,7 +188,10 @@ def curves(d: SweepData) -> Section:
     if not trials:
         s.text("No trial has written metrics.jsonl yet.")
         return s
-    s.text(f"{len(trials)} of {len(d.table)} trials have written metrics.jsonl.")
+    from_tune = sum(f.attrs.get("source") == "tune" for _, _, f in trials)
+    s.text(f"{len(trials)} of {len(d.table)} trials have curves"
+           + (f"; for {from_tune} of them no metrics.jsonl is in the storage, so their curves are the results "
+              "reported to Tune (Tune's result.json: evaluations only)." if from_tune else " (metrics.jsonl)."))
     names = {"train": ("loss_terms", "training loss terms (and their diagnostics) per logged step"),
              "val": ("validation", "validation metrics per evaluation"),
              "iia": ("iia_pairs", "IIA per aligned pair (and their mean) per evaluation")}

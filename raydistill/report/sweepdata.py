@@ -32,7 +32,7 @@ class Trial:
     id: str
     folder: str                              # trial_<id>, relative to the sweep directory
     config: dict | None = None               # config.resolved.json
-    curves: Any = None                       # metrics.jsonl as a DataFrame (last row of a step wins)
+    curves: Any = None                       # metrics.jsonl as a DataFrame (last row of a step wins); attrs["source"]
     bench: dict | None = None                # bench.json
     events: list[dict] = field(default_factory=list)  # trial.jsonl
 
@@ -158,14 +158,26 @@ def _read_spec(store: SweepStore) -> dict | None:
 
 
 def _read_curves(store: SweepStore, folder: str):
+    """metrics.jsonl (every logged step); where a trial has none in the storage (an s3/gs sweep whose trial
+    artifacts Tune did not upload), Tune's result.json: the results reported to Tune, evaluations and the
+    end, marked ``source='tune'``."""
     import pandas as pd
 
     rows = store.read_jsonl(f"{folder}/metrics.jsonl")
+    source = "metrics.jsonl"
+    if not rows:
+        rows = [{k: v for k, v in r.items() if k == "step" or ("/" in k or k in ("loss",)) and not isinstance(v, bool)
+                 and isinstance(v, (int, float)) and not k.startswith("bench/")}
+                for r in store.read_jsonl(f"{folder}/result.json") if isinstance(r.get("step"), (int, float))]
+        rows = [r for r in rows if len(r) > 1]
+        source = "tune"
     if not rows:
         return None
     frame = pd.DataFrame(rows)
+    frame.attrs["source"] = source
     if "step" in frame.columns:  # after a resume the last row of a step wins
         frame = frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+        frame.attrs["source"] = source
     return frame
 
 
