@@ -41,6 +41,13 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert {"task", "kd", "cosine", "lr", "tokens_per_s", "val/ppl", "val/kd"} <= rows[-1].keys()
     assert summary["final_metrics"]["step"] == 24
+    # TensorBoard: every term of every logged row, at its step (rank 0's events only).
+    from test_trackers import read_scalars
+
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    assert {k for r in rows for k in r if k not in ("step", "time")} <= scalars.keys()
+    assert sorted(scalars["kd"]) == [4, 8, 12, 16, 20, 24]
+    assert scalars["kd"][24] == pytest.approx(rows[-1]["kd"], rel=1e-6)
 
     export = Path(summary["export_dir"])
     assert (export / "model.safetensors").is_file()
@@ -70,3 +77,9 @@ def test_resume_continues_from_checkpoint_without_losing_or_repeating_steps(ray_
     # Step 6 replayed from the restored state gives exactly the loss the interrupted run saw.
     assert second[0]["loss"] == pytest.approx(first[-1]["loss"], rel=1e-6)
     assert second[0]["kd"] == pytest.approx(first[-1]["kd"], rel=1e-6)
+    # TensorBoard read as TensorBoard does: the resumed run's events replace the replayed step 6.
+    from test_trackers import read_scalars
+
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    assert sorted(scalars["loss"]) == list(range(1, 11))
+    assert scalars["loss"][6] == pytest.approx(second[0]["loss"], rel=1e-6)

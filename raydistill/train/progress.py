@@ -1,5 +1,8 @@
-"""Progress you can watch (one line per log interval on the terminal) and results you can plot
-(``metrics.jsonl``, one JSON object per logged step; after a resume, the last row of a step wins)."""
+"""Progress you can watch (one line per log interval on the terminal), results you can plot
+(``metrics.jsonl``, one JSON object per logged step; after a resume, the last row of a step wins) and
+TensorBoard event files (``tensorboard/`` beside it: every number of every logged row as a scalar at its
+step; a resume drops the events of the steps it replays). All of it from rank 0, from values the step loop
+already holds on the host: nothing here waits for the device."""
 
 from __future__ import annotations
 
@@ -21,20 +24,43 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def open_tensorboard(logdir: Path, start_step: int):
+    """A tensorboardX writer (Ray Tune's own TensorBoard dependency; torch's writer would need the tensorboard
+    package). ``purge_step``: a resumed run replaces the events of the steps after its checkpoint; the file name
+    carries the start step and pid, so a quick restart never reuses (and truncates) its predecessor's file."""
+    import os
+
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(logdir), purge_step=start_step + 1 if start_step > 0 else None, flush_secs=10,
+                         filename_suffix=f".{start_step}.{os.getpid()}")
+
+
 class ProgressPrinter:
-    def __init__(self, path: Path, max_steps: int, start_step: int, enabled: bool):
+    def __init__(self, path: Path, max_steps: int, start_step: int, enabled: bool, tensorboard: bool = True):
         self.enabled, self.max_steps = enabled, max_steps
         self.start_step, self.t0 = start_step, time.perf_counter()
         self.file = None
+        self.writer = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)
+            if tensorboard:
+                self.writer = open_tensorboard(path.parent / TENSORBOARD_DIR, start_step)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         step = metrics["step"]
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()  # as metrics.jsonl's lines: what was logged survives a crashed worker
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = timedelta(seconds=int(elapsed / max(done, 1) * (self.max_steps - step)))
@@ -48,3 +74,6 @@ class ProgressPrinter:
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
