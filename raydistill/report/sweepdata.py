@@ -230,8 +230,8 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
             raise ConfigError(f"{location}: no results table and no trial_<id>/ folders: not a raydistill sweep "
                               "directory, or no trial has started yet")
         table = pd.DataFrame(_rows_from_trial_folders(store, folders, spec))
-        notes.append("no results.csv/results.parquet: rows rebuilt from the trial folders (Tune's params.json "
-                     "and result.json, trial.jsonl)")
+        notes.append("no results.csv/results.parquet (sweeps on s3/gs do not write it yet): rows rebuilt from the "
+                     "trial folders (Tune's params.json and result.json, final_result.json, trial.jsonl)")
     table = table.copy()
     table["trial"] = table["trial"].astype(str)
 
