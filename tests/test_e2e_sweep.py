@@ -63,7 +63,8 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
     # (a stopped trial that kept its resources would block it) and, learning fastest, finishes.
     path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-4, 1e-9, 3e-3]}},
                       scheduler={"kind": "asha", "grace_period": 4, "reduction_factor": 3},
-                      metric="val/loss", mode="min", eval={"tasks": None})
+                      metric="val/loss", mode="min", eval={"tasks": None},
+                      callbacks={"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "asha"}})
     out = finish(cli("sweep", str(path)))
     frame = pd.read_csv(tmp_path / "sweeps" / "s" / "results.csv")
     status = dict(zip(frame["config/train.lr"], frame["status"]))
@@ -71,6 +72,22 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
     assert frame.loc[frame["status"] == "stopped", "step"].item() < 12
     free = re.search(r"cluster after the sweep: (\S+) of (\S+) CPUs free", out)
     assert free and free.group(1) == free.group(2), out[-2000:]  # nothing stays reserved
+    # Trackers: Tune's MLflow logger made one run per trial with its swept value and reported metrics; each
+    # trial also has TensorBoard events per logged step (tensorboard/) and Tune's own per report.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    assert len(runs) == 3, out[-3000:]
+    assert {float(r.data.params["train.lr"]) for r in runs} == {3e-4, 1e-9, 3e-3}
+    assert all("val/loss" in r.data.metrics and r.data.tags["sweep"] == "s" for r in runs)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    best = min(runs, key=lambda r: r.data.metrics["val/loss"])
+    assert float(best.data.params["train.lr"]) == frame.loc[frame["val/loss"].idxmin(), "config/train.lr"]
+    for trial_dir in (tmp_path / "sweeps" / "s").glob("trial_*"):
+        assert list((trial_dir / "tensorboard").glob("events.out.tfevents.*")), trial_dir
+        assert list(trial_dir.glob("events.out.tfevents.*")), trial_dir
 
 
 def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cache_dir):

@@ -72,10 +72,117 @@ def _error_summary(error_file: str) -> str:
     return lines[-1][:300] if lines else "failed"
 
 
-def write_table(directory: str | Path, rows: list[dict[str, Any]]) -> None:
-    """results.csv and results.parquet, each written atomically."""
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def open_storage(location: str | Path):
+    """(pyarrow filesystem, path) for a storage URI (s3://, gs://, file://; S3 options may ride on the query
+    string, e.g. ``?endpoint_override=localhost:9000&scheme=http``; credentials from the usual variables)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(str(location))
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{location}: cannot open this storage location ({e})") from None
+    return fs, root.rstrip("/")
+
+
+def uri_join(location: str, name: str) -> str:
+    """``name`` below a URI, before its query string."""
+    base, sep, query = str(location).partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def write_bytes_to(location: str | Path, name: str, data: bytes) -> str:
+    """Write ``name`` under a local directory (atomically) or a storage URI (an object store's upload is
+    atomic; the local filesystem behind file:// gets a temporary name and a move). Returns where."""
+    if not is_uri(location):
+        from raydistill.fsutil import write_bytes_atomic
+
+        return str(write_bytes_atomic(Path(location) / name, data))
+    import pyarrow.fs as pafs
+
+    fs, root = open_storage(location)
+    fs.create_dir(root, recursive=True)
+    target = f"{root}/{name}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{root}/.{name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, target)
+    else:
+        with fs.open_output_stream(target) as f:
+            f.write(data)
+    return uri_join(str(location), name)
+
+
+def read_bytes_from(location: str | Path, name: str) -> bytes | None:
+    """``name`` under a local directory or a storage URI; None when absent."""
+    if not is_uri(location):
+        p = Path(location) / name
+        return p.read_bytes() if p.is_file() else None
+    import pyarrow.fs as pafs
+
+    fs, root = open_storage(location)
+    if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{root}/{name}") as f:
+        return f.read()
+
+
+def copy_dir_to(src: str, location: str | Path, name: str) -> str:
+    """Copy the folder ``src`` (a local path or a URI) to ``name`` under a storage URI (pyarrow's copy_files:
+    multi-threaded, any pair of filesystems). The copy replaces what was there."""
+    import pyarrow.fs as pafs
+
+    fs, root = open_storage(location)
+    target = f"{root}/{name}"
+    if fs.get_file_info(target).type == pafs.FileType.Directory:
+        fs.delete_dir(target)
+    fs.create_dir(target, recursive=True)
+    if is_uri(src):
+        src_fs, src_path = open_storage(src)
+    else:
+        src_fs, src_path = pafs.LocalFileSystem(), str(Path(src).resolve())
+    pafs.copy_files(src_path, target, source_filesystem=src_fs, destination_filesystem=fs)
+    return uri_join(str(location), name)
+
+
+def is_dir_at(location: str | None) -> bool:
+    """A local folder, or a folder (prefix) at a storage URI."""
+    if not location:
+        return False
+    if not is_uri(location):
+        return Path(location).is_dir()
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = open_storage(location)
+        return fs.get_file_info(root).type == pafs.FileType.Directory
+    except (ConfigError, OSError):
+        return False
+
+
+def _table_bytes(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    import io
+
     import pandas as pd
 
+    frame = pd.DataFrame(rows)
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet, index=False)
+    return {f"{TABLE}.csv": frame.to_csv(index=False).encode(), f"{TABLE}.parquet": parquet.getvalue()}
+
+
+def write_table(directory: str | Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv and results.parquet, each written atomically (to a local folder or a storage URI)."""
+    import pandas as pd
+
+    if is_uri(directory):
+        for name, data in _table_bytes(rows).items():
+            write_bytes_to(directory, name, data)
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
@@ -85,8 +192,19 @@ def write_table(directory: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_table(directory: str | Path):
+    import io
+
     import pandas as pd
 
+    if is_uri(directory):
+        data = read_bytes_from(directory, f"{TABLE}.parquet")
+        if data is not None:
+            return pd.read_parquet(io.BytesIO(data))
+        data = read_bytes_from(directory, f"{TABLE}.csv")
+        if data is not None:
+            return pd.read_csv(io.BytesIO(data))
+        raise ConfigError(f"{directory}: no {TABLE}.csv or {TABLE}.parquet (not a raydistill sweep directory, or "
+                          "no trial has started yet)")
     directory = Path(directory)
     if (directory / f"{TABLE}.parquet").is_file():
         return pd.read_parquet(directory / f"{TABLE}.parquet")
@@ -118,8 +236,10 @@ def write_best(sweep: Sweep, directory: str | Path, row: dict[str, Any], trial_c
     """best_config.yaml (runnable with ``raydistill train``) and, if asked, best_student/ (a copy)."""
     from raydistill.sweep.space import trial_values
 
-    directory = Path(directory)
     values = trial_values(sweep.dims, trial_config)
+    if is_uri(directory):
+        return _write_best_uri(sweep, str(directory), row, values)
+    directory = Path(directory)
     cfg = sweep.trial_config(values, output_dir=str(directory / "best_run"), name=f"{sweep.spec.name}-best")
     out = {"best_config": str(directory / "best_config.yaml")}
     header = (f"# best trial {row['trial']} of sweep {sweep.spec.name} by {sweep.spec.metric} "
@@ -137,8 +257,35 @@ def write_best(sweep: Sweep, directory: str | Path, row: dict[str, Any], trial_c
     return out
 
 
+def _best_header(sweep: Sweep, row: dict[str, Any], where: str) -> str:
+    return (f"# best trial {row['trial']} of sweep {sweep.spec.name} by {sweep.spec.metric} "
+            f"({sweep.spec.mode}) = {row.get(sweep.spec.metric)}\n# rerun: raydistill train {where}\n")
+
+
+def _write_best_uri(sweep: Sweep, directory: str, row: dict[str, Any], values: dict) -> dict[str, str]:
+    """best_config.yaml and best_student/ on object storage (s3://, gs://, file://). The config's output_dir is
+    a local folder (runs/NAME-best): download the file, or give it to ``raydistill train`` from a copy."""
+    cfg = sweep.trial_config(values, output_dir=str(Path("runs") / f"{sweep.spec.name}-best"),
+                             name=f"{sweep.spec.name}-best")
+    text = _best_header(sweep, row, "best_config.yaml (a local copy of this file)") + yaml.safe_dump(
+        cfg.model_dump(mode="json"), sort_keys=False)
+    out = {"best_config": write_bytes_to(directory, "best_config.yaml", text.encode())}
+    src = row.get("checkpoint_path")
+    if sweep.spec.export_best and is_dir_at(src):
+        out["best_student"] = copy_dir_to(src, directory, "best_student")
+    return out
+
+
 def load_saved_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
-    """The sweep as saved when it started (its base inlined), with optional overrides."""
+    """The sweep as saved when it started (its base inlined), with optional overrides; ``path`` is a local
+    directory or a storage URI (s3://, gs://, file://)."""
+    if is_uri(path):
+        from raydistill.config import yaml_load
+
+        data = read_bytes_from(path, SWEEP_FILE)
+        if data is None:
+            raise ConfigError(f"{path}: no {SWEEP_FILE} here; give the sweep directory (STORAGE_PATH/NAME)")
+        return load_sweep(None, overrides, data=yaml_load(data.decode("utf-8")) or {})
     p = Path(path)
     if not (p / SWEEP_FILE).is_file():
         raise ConfigError(f"{path}: no {SWEEP_FILE} here; give the sweep directory (STORAGE_PATH/NAME)")

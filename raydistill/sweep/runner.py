@@ -107,7 +107,8 @@ class SweepMonitor(_TuneCallback):
         if not INTERRUPT.event.is_set():
             INTERRUPT.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         rows = sweep_rows(self.sweep, trials)
-        if self.sweep.is_local:
+        # Object storage (s3://, gs://, file://) gets the table when a trial changes state, not on every result.
+        if self.sweep.is_local or force_print:
             R.write_table(self.directory, rows)
         now = time.monotonic()
         if force_print or now - self._last_print >= self.sweep.spec.status_every_s:
@@ -159,6 +160,45 @@ def sweep_rows(sweep: Sweep, trials) -> list[dict[str, Any]]:
 
 def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
+
+
+def tracker_callbacks(sweep: Sweep) -> list:
+    """Ray Tune's own logger callbacks for the sweep file's ``callbacks:`` section. Unset values fall back to
+    the trackers' usual environment variables, then to the sweep's name. Tune adds its TensorBoard logger by
+    itself; ``tensorboard: false`` turns Tune's automatic loggers off and keeps its CSV and JSON ones."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    spec = sweep.spec.callbacks
+    out: list = []
+    if spec.tensorboard:
+        out.append(TBXLoggerCallback())
+    else:
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        out += [CSVLoggerCallback(), JsonLoggerCallback()]
+    if spec.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        m = spec.mlflow
+        uri = m.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and uri.startswith("file:"):  # asked for by name: MLflow 3.x refuses its file store unless told
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        out.append(MLflowLoggerCallback(
+            tracking_uri=uri,
+            experiment_name=m.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or sweep.spec.name,
+            tags={"sweep": sweep.spec.name, **m.tags}, save_artifact=m.save_artifact))
+    if spec.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        w = spec.wandb
+        if w.mode:  # Ray checks for an API key unless WANDB_MODE says offline/disabled
+            os.environ["WANDB_MODE"] = w.mode
+        extra = {k: v for k, v in (("entity", w.entity), ("mode", w.mode), ("dir", w.dir),
+                                   ("tags", w.tags or None)) if v is not None}
+        out.append(WandbLoggerCallback(
+            project=w.project or os.environ.get("WANDB_PROJECT") or sweep.spec.name,
+            group=w.group or os.environ.get("WANDB_RUN_GROUP") or sweep.spec.name,
+            api_key_file=w.api_key_file, **extra))
+    return out
 
 
 def _search_alg(sweep: Sweep, concurrency: int):
@@ -298,6 +338,8 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
         Path(directory).mkdir(parents=True, exist_ok=True)
         if resume_path is None:
             write_text_atomic(Path(directory) / R.SWEEP_FILE, sweep.to_yaml())
+    elif resume_path is None:  # object storage: raydistill results/report/--resume read it there
+        R.write_bytes_to(directory, R.SWEEP_FILE, sweep.to_yaml().encode())
     trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep, resource_timeout_s=timeout),
                                     {"CPU": spec.driver_cpus})
     concurrency = spec.max_concurrent_trials or default_concurrency(sweep)
@@ -313,7 +355,7 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             trainable, param_space=space, tune_config=tune_config(sweep, concurrency),
             run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec.storage_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[SweepMonitor(sweep, directory)]))
+                                      callbacks=[SweepMonitor(sweep, directory), *tracker_callbacks(sweep)]))
     quiet = _QuietTuneInterrupt()
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(quiet)
@@ -335,8 +377,7 @@ def interrupted_summary(sweep: Sweep, directory: str, grid) -> str:
     """Write the table as the interruption left it; return the message: counts and how to resume."""
     trials = list(getattr(grid, "_experiment_analysis").trials)
     rows = sweep_rows(sweep, trials)
-    if sweep.is_local:
-        R.write_table(directory, rows)
+    R.write_table(directory, rows)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -369,10 +410,6 @@ def finish(sweep: Sweep, directory: str, grid) -> dict[str, Any]:
     rows = [R.trial_row(sweep, t) for t in trials]
     out: dict[str, Any] = {"directory": directory, "trials": len(rows),
                            "failed": sum(r["status"] == "failed" for r in rows)}
-    if not sweep.is_local:
-        print("[raydistill] results table, best config and best student are written for local storage only; "
-              f"Tune's own results are under {directory}", flush=True)
-        return out
     R.write_table(directory, rows)
     best = R.best_row(rows, sweep.spec.metric, sweep.spec.mode)
     if best is not None:

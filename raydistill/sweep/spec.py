@@ -45,6 +45,51 @@ class EvalSpec(Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="raydistill.eval.EvalSettings fields")
 
 
+def _on_off(v: Any) -> Any:
+    """``true`` turns a tracker on with its defaults, ``false``/``null`` leaves it off."""
+    if v is True:
+        return {}
+    if v is False:
+        return None
+    return v
+
+
+class MlflowSpec(Strict):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (file:///path, http://host:5000, "
+                                     "databricks); default: MLFLOW_TRACKING_URI, else MLflow's own default")
+    experiment: str | None = Field(None, description="experiment name; default: MLFLOW_EXPERIMENT_NAME, else "
+                                   "the sweep's name")
+    tags: dict[str, str] = Field(default_factory=dict, description="tags on every trial's run")
+    save_artifact: bool = Field(False, description="upload each trial's directory as the run's artifacts")
+
+
+class WandbSpec(Strict):
+    project: str | None = Field(None, description="W&B project; default: WANDB_PROJECT, else the sweep's name")
+    entity: str | None = Field(None, description="W&B entity (team or user); default: WANDB_ENTITY")
+    group: str | None = Field(None, description="run group; default: WANDB_RUN_GROUP, else the sweep's name")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="default: WANDB_MODE, else online; offline writes runs under dir for `wandb sync`")
+    dir: str | None = Field(None, description="where W&B writes its files (default: WANDB_DIR, else ./wandb)")
+    tags: list[str] = Field(default_factory=list)
+    api_key_file: str | None = Field(None, description="default: WANDB_API_KEY or `wandb login` (not needed "
+                                     "offline)")
+
+
+class CallbacksSpec(Strict):
+    tensorboard: bool = Field(True, description="Ray Tune's TBXLoggerCallback: event files of the reported "
+                              "results in each trial's directory (every run also writes tensorboard/ per logged "
+                              "step)")
+    mlflow: MlflowSpec | None = Field(None, description="Ray Tune's MLflowLoggerCallback: one MLflow run per "
+                                      "trial (true: defaults)")
+    wandb: WandbSpec | None = Field(None, description="Ray Tune's WandbLoggerCallback: one W&B run per trial "
+                                    "(true: defaults)")
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        return _on_off(v)
+
+
 class SweepSpec(Strict):
     error_title: ClassVar[str] = "invalid sweep file"
     name: str = Field(..., description="sweep name: a directory under storage_path")
@@ -67,6 +112,8 @@ class SweepSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     export_best: bool = Field(True, description="copy the best trial's student to STORAGE/NAME/best_student")
     status_every_s: float = Field(10.0, gt=0, description="seconds between live trial tables")
+    callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec, description="experiment trackers fed by "
+                                     "Ray Tune: tensorboard, mlflow, wandb")
 
     @field_validator("name")
     @classmethod
@@ -90,8 +137,10 @@ class Sweep:
 
     @property
     def dir(self) -> str:
-        """Where Tune keeps the experiment (and raydistill its tables)."""
-        return f"{self.spec.storage_path.rstrip('/')}/{self.spec.name}"
+        """Where Tune keeps the experiment (and raydistill its tables); a URI's query string (S3 options) stays
+        at the end."""
+        base, sep, query = self.spec.storage_path.partition("?")
+        return f"{base.rstrip('/')}/{self.spec.name}{sep}{query}"
 
     @property
     def is_local(self) -> bool:
@@ -191,6 +240,7 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     dims = parse_space(spec.space)
     sweep = Sweep(spec, base, dims, None if path is None else str(path))
     _check_eval(spec.eval)
+    _check_callbacks(spec.callbacks)
     check_metric(sweep, spec.metric, "metric")
     if spec.scheduler.metric:
         check_metric(sweep, spec.scheduler.metric, "scheduler.metric")
@@ -242,6 +292,16 @@ def check_metric(sweep: Sweep, metric: str, field: str) -> None:
     shown = sorted(m for m in exact if m not in TRAIN_METRICS[1:])
     raise ConfigError(f"{field} {metric!r} is never reported by these trials; allowed: {', '.join(shown)} "
                       f"(or names under {', '.join(prefixes)})")
+
+
+def _check_callbacks(spec: CallbacksSpec) -> None:
+    """A tracker the sweep file turns on must be installed: said before Ray starts, not when Tune builds it."""
+    import importlib.util
+
+    for field, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if getattr(spec, field) is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"callbacks.{field} needs the {package} package, which is not installed: "
+                              f"pip install {package} (or remove callbacks.{field})")
 
 
 def _check_eval(spec: EvalSpec) -> None:

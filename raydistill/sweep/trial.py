@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.fsutil import write_text_atomic
+from raydistill.sweep import results as R
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import trial_values
 
@@ -77,6 +78,23 @@ def run_benchmarks(sweep: Sweep, cfg, model_dir: str, trial_dir: Path) -> dict[s
     return bench_scores(report.summary)
 
 
+UPLOADED = ("metrics.jsonl", "summary.json", "bench.json", "config.yaml", "config.resolved.json")
+
+
+def upload_outputs(sweep: Sweep, trial_dir: Path, export_dir: str) -> str:
+    """Object-storage sweeps (s3://, gs://, file://): the trial's run wrote into Tune's node-local staging
+    folder, so its student, metrics, TensorBoard events and scores are copied to STORAGE/NAME/trial_ID/, where
+    the best student, ``raydistill report`` and TensorBoard find them from any machine. Returns the student's
+    URI."""
+    remote = R.uri_join(sweep.dir, trial_dir.name)
+    for name in UPLOADED:
+        if (trial_dir / name).is_file():
+            R.write_bytes_to(remote, name, (trial_dir / name).read_bytes())
+    if (trial_dir / "tensorboard").is_dir():
+        R.copy_dir_to(str(trial_dir / "tensorboard"), remote, "tensorboard")
+    return R.copy_dir_to(export_dir, remote, "student")
+
+
 def _wait_if_interrupted(sweep: Sweep) -> None:
     """A trial Tune starts while an interrupted sweep winds down does no work: it waits to be stopped (Tune's
     saved state still lists it as unfinished, so ``--resume`` runs it)."""
@@ -116,12 +134,13 @@ def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float
     write_text_atomic(trial_dir / "config.resolved.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
     plan = with_teacher(cfg, prepare(cfg))
     # Checkpoints go to the sweep's storage (shared or cloud storage on a multi-node cluster).
-    storage = None if sweep.is_local else f"{sweep.dir}/{trial_dir.name}/train"
+    storage = None if sweep.is_local else R.uri_join(sweep.dir, f"{trial_dir.name}/train")
     summary = fit(plan, callbacks=[TuneReportCallback()], storage_path=storage, resource_timeout_s=resource_timeout_s,
                   reserved=[{"CPU": sweep.spec.driver_cpus}])
     final = {k: v for k, v in (summary["final_metrics"] or {}).items() if isinstance(v, (int, float))}
     scores = run_benchmarks(sweep, cfg, plan.export_dir, trial_dir)
-    result = {**final, **scores, "step": cfg.train.max_steps, "export_dir": plan.export_dir, "finished": 1}
+    export_dir = plan.export_dir if sweep.is_local else upload_outputs(sweep, trial_dir, plan.export_dir)
+    result = {**final, **scores, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1}
     # Saved, then the end event, then reported: once the end event exists the trial never runs again.
     write_text_atomic(trial_dir / FINAL_RESULT, json.dumps(result))
     _log(trial_dir, "end", **scores)
