@@ -4,8 +4,8 @@ Read from what sweeps write under STORAGE_PATH/NAME (see README, Sweeps): ``resu
 (one row per trial), ``sweep.yaml`` (metric, mode, search space), and per trial ``trial_<id>/``:
 ``metrics.jsonl`` (learning curves), ``bench.json`` (benchmark scores), ``trial.jsonl`` (driver starts
 and ends), ``config.resolved.json`` (the trial's full config: objective family, seed, tokens per step).
-Where the results table is missing (a sweep on s3/gs, whose table the runner does not write yet), rows
-are rebuilt from each trial folder: Tune's ``params.json`` and ``result.json``, ``final_result.json`` where the
+Where the results table is missing (not written yet, or an s3/gs sweep from before sweeps wrote it there),
+rows are rebuilt from each trial folder: Tune's ``params.json`` and ``result.json``, ``final_result.json`` where the
 trial driver saves it, and the files above.
 
 Nothing here imports the training code: a report can be built on a machine without torch."""
@@ -220,7 +220,7 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     spec = _read_spec(store)
     if spec is None:
         notes.append("no sweep.yaml: metric, mode and search space are not known from the sweep itself "
-                     "(sweeps on s3/gs do not write it yet)")
+                     "(an object-storage sweep from before sweeps wrote it there, or no raydistill sweep)")
     folders = [n for n, kind in store.listdir() if kind == "dir" and n.startswith("trial_")]
     table = store.read_table("results")
     if table is None:
@@ -230,8 +230,9 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
             raise ConfigError(f"{location}: no results table and no trial_<id>/ folders: not a raydistill sweep "
                               "directory, or no trial has started yet")
         table = pd.DataFrame(_rows_from_trial_folders(store, folders, spec))
-        notes.append("no results.csv/results.parquet (sweeps on s3/gs do not write it yet): rows rebuilt from the "
-                     "trial folders (Tune's params.json and result.json, final_result.json, trial.jsonl)")
+        notes.append("no results.csv/results.parquet (not written yet, or an object-storage sweep from before sweeps "
+                     "wrote it there): rows rebuilt from the trial folders (Tune's params.json and result.json, "
+                     "final_result.json, trial.jsonl)")
     table = table.copy()
     table["trial"] = table["trial"].astype(str)
 
