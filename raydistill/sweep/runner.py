@@ -289,12 +289,21 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
 
     SIGINT: no new trial starts, running trials stop, the table marks them "interrupted" and ``Interrupted``
     (exit status 130) says how to resume."""
+    import ray
+
+    from raydistill.train.launcher import _shutdown
+
+    owned = not ray.is_initialized()
     try:
         return _run_sweep(sweep, resume_path)
     except KeyboardInterrupt:  # before Tune started, or a second Ctrl-C while it wound down
+        _shutdown(owned)
         started = sweep.is_local and (Path(sweep.dir) / "tuner.pkl").exists()
         raise Interrupted("interrupted; " + (f"resume with: raydistill sweep --resume {sweep.dir}" if started else
                                              "no trial had started: rerun the same command")) from None
+    except Interrupted:
+        _shutdown(owned)  # Ray's buffered log lines before the message, not after it
+        raise
 
 
 def _check_cluster(sweep: Sweep, timeout_s: float) -> None:

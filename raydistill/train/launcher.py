@@ -234,9 +234,26 @@ def with_teacher(cfg: ExperimentConfig, plan: RunPlan) -> RunPlan:
 
 def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
     """Everything ``raydistill train`` / ``raydistill teacher`` does. All validation precedes ``ray.init``."""
+    import ray
+
     plan = prepare(cfg, mode=mode)
+    owned = not ray.is_initialized()
     try:
         init_ray(cfg)
         return fit(with_teacher(cfg, plan))
     except KeyboardInterrupt:  # outside a fit (starting Ray): nothing to stop yet
+        _shutdown(owned)
         raise Interrupted("interrupted before training started; rerun the same command to start") from None
+    except (RunFailure, Interrupted):
+        _shutdown(owned)  # now, not at exit: Ray's last buffered log lines come before the message, not after it
+        raise
+
+
+def _shutdown(owned: bool) -> None:
+    import ray
+
+    if owned and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass

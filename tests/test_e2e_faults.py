@@ -1,0 +1,193 @@
+"""Faults injected into real runs on Ray Train + DeepSpeed (2 CPU workers, ZeRO-2) and real sweeps.
+
+- Damaged checkpoints (a file cut in half, a file deleted): the run says which and resumes from the newest
+  intact one, replaying the same steps; a non-finite loss stops the run at that step with the terms named and
+  nothing exported.
+- SIGINT on ``raydistill train``: the workers stop at once, exit 130, the message says how to resume.
+- A sweep interrupted with SIGINT, then killed with SIGKILL, then resumed: no trial starts after the signal,
+  cut-short trials are "interrupted", exit 130 with ``raydistill sweep --resume``; no finished trial ever runs
+  again; a trial whose loss goes NaN fails with that reason while the sweep goes on."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raydistill.config import load_config
+from raydistill.train import launcher
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["teacher.name=tiny-gpt2", "student.num_layers=1", "data.builtin.num_documents=400", "data.block_size=32",
+        "tokenizer.vocab_size=512", "train.batch_size=8", "train.lr=3e-3", "train.warmup_ratio=0",
+        "train.lr_schedule=constant", "train.eval_batches=2", "scaling.num_workers=2", "ray.dashboard=false",
+        "objectives.kd.weight=1.0", "train.log_every=1"]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in rows(run)}  # after a resume the last row of a step wins
+
+
+def newest_checkpoints(run: Path) -> list[Path]:
+    ckpts = [p for p in (run / "ray" / "r").glob("checkpoint_*") if p.is_dir()]
+    steps = {p: json.loads((p / "raydistill_manifest_rank0.json").read_text())["step"] for p in ckpts}
+    return sorted(ckpts, key=steps.get, reverse=True)
+
+
+def test_damaged_checkpoints_fall_back_and_a_nonfinite_loss_stops_the_run(ray_cluster, tmp_path, cache_dir, capfd):
+    run = tmp_path / "run"
+
+    def train(*overrides):
+        return launcher.run(load_config(None, [f"output_dir={run}", f"cache_dir={cache_dir}", "name=r", *TINY,
+                                               "train.checkpoint_every=5", *overrides]))
+
+    train("train.max_steps=10")
+    first = by_step(run)
+    # 1. The newest checkpoint's model file cut in half: resume from the step-5 checkpoint, steps 6-10 replayed.
+    newest = newest_checkpoints(run)[0]
+    model = newest / "state" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    capfd.readouterr()
+    train("train.max_steps=12")
+    out = capfd.readouterr().out
+    assert f"checkpoint {newest} is damaged (state/mp_rank_00_model_states.pt has" in out, out[-3000:]
+    assert "resumed from checkpoint at step 5" in out
+    second = rows(run)[len(first):]
+    assert [r["step"] for r in second] == list(range(6, 13))
+    assert second[4]["loss"] == pytest.approx(first[10]["loss"], rel=1e-6)  # the same step 10 again
+    # 2. A file of the newest checkpoint deleted: the one before it (step 10) is used.
+    newest = newest_checkpoints(run)[0]
+    (newest / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    train("train.max_steps=14")
+    out = capfd.readouterr().out
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in out and "resumed from checkpoint at step 10" in out
+    exported = json.loads((run / "student" / "raydistill.json").read_text())
+    assert exported["step"] == 14
+    # 3. A NaN loss (kd at temperature 1e20) stops the run at its first step; the export stays the step-14 one.
+    with pytest.raises(launcher.TrainingFailed) as err:
+        train("train.max_steps=20", "objectives.kd.temperature=1e20")
+    msg = str(err.value)
+    assert msg.startswith("non-finite loss at step 15: kd=nan, loss=nan.") and "nothing was exported" in msg, msg
+    assert "Traceback" not in msg and "\n" not in msg
+    assert json.loads((run / "student" / "raydistill.json").read_text())["step"] == 14
+    last = rows(run)[-1]
+    assert last["step"] == 15 and math.isnan(last["loss"])
+
+
+def cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "raydistill.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, cwd=ROOT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exited ({proc.returncode}) before {what}:\n{proc.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}:\n{proc.communicate()[0][-4000:]}")
+
+
+def test_sigint_stops_train_workers_at_once_and_exits_130(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    proc = cli("train", "sweeps/configs/debug.yaml", f"output_dir={run}", f"cache_dir={cache_dir}", "name=r", *TINY,
+               "train.max_steps=2000", "train.checkpoint_every=5")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 8, proc, 400, "step 8")
+    proc.send_signal(signal.SIGINT)
+    at_signal = len(rows(run))
+    start = time.time()
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert time.time() - start < 30
+    last = out.strip().splitlines()[-1]  # the message comes last (Ray is shut down before it is printed)
+    assert last.startswith("interrupted after step") and "Rerun the same command" in last, out[-3000:]
+    assert "latest checkpoint (step" in last
+    time.sleep(5)
+    assert len(rows(run)) <= at_signal + 1  # the step under way when the signal came, then nothing
+
+
+def sweep_file(tmp_path: Path, cache_dir: str) -> Path:
+    base = {"teacher": {"name": "tiny-gpt2"}, "student": {"num_layers": 1}, "tokenizer": {"vocab_size": 512},
+            "data": {"builtin": {"num_documents": 400}, "block_size": 32}, "cache_dir": cache_dir,
+            "objectives": {"task": {"weight": 1.0}, "kd": {"weight": 1.0}},
+            "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0, "lr_schedule": "constant",
+                      "log_every": 4, "eval_every": 4, "eval_batches": 1},
+            "scaling": {"num_workers": 1}, "ray": {"dashboard": False, "log_to_driver": False}}
+    # Grid order is fixed and trials run one at a time: two good trials, then one whose kd loss is NaN.
+    data = {"name": "s", "base": base, "storage_path": str(tmp_path / "sweeps"), "max_concurrent_trials": 1,
+            "status_every_s": 1000, "metric": "val/loss", "mode": "min", "eval": {"tasks": None},
+            "space": {"objectives.kd.temperature": {"grid": [2.0, 1.0, 1.0e20]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def table(directory: Path) -> pd.DataFrame:
+    path = directory / "results.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame({"status": [], "trial": []})
+
+
+def events(directory: Path) -> dict[str, list[dict]]:
+    return {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()]
+            for p in directory.glob("trial_*/trial.jsonl")}
+
+
+def test_an_interrupted_then_killed_sweep_never_reruns_a_finished_trial(tmp_path, cache_dir):
+    path = sweep_file(tmp_path, cache_dir)
+    directory = tmp_path / "sweeps" / "s"
+    finished = lambda n: lambda: (table(directory)["status"] == "finished").sum() >= n  # noqa: E731
+
+    # 1. SIGINT once the first trial has finished.
+    proc = cli("sweep", str(path))
+    wait_for(finished(1), proc, 400, "a finished trial")
+    signalled = time.time()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"Resume with: raydistill sweep --resume {directory}" in out and "Tuner.restore" not in out, out[-3000:]
+    assert "max_concurrent_trials requires a Searcher" not in out
+    frame = table(directory)
+    assert set(frame["status"]) <= {"finished", "interrupted", "pending"}, frame.to_dict("records")
+    assert (frame["status"] == "finished").sum() == 1
+    starts = [e["time"] for evs in events(directory).values() for e in evs if e["event"] == "start"]
+    assert all(t < signalled for t in starts), "a trial started after the signal"
+
+    # 2. Resume; SIGKILL the driver once the second trial has finished (its row and end event written).
+    proc = cli("sweep", "--resume", str(directory))
+    wait_for(finished(2), proc, 400, "the second finished trial")
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    # 3. Resume to the end: the NaN trial fails with its reason, the sweep goes on and ends normally.
+    proc = cli("sweep", "--resume", str(directory))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    frame = table(directory).set_index("config/objectives.kd.temperature")
+    assert frame.loc[2.0, "status"] == "finished" and frame.loc[1.0, "status"] == "finished", out[-3000:]
+    assert frame.loc[1e20, "status"] == "failed"
+    assert "non-finite loss at step 1: kd=nan" in frame.loc[1e20, "error"], frame.loc[1e20, "error"]
+    logs = events(directory)
+    for value in (2.0, 1.0):  # never run twice: one start each, the resumes only restored them
+        trial = f"trial_{frame.loc[value, 'trial']}"
+        assert [e["event"] for e in logs[trial]].count("start") == 1, logs[trial]
+    assert (directory / "best_config.yaml").is_file()
+    assert not (directory / ".interrupted").exists()
+    shutil.rmtree(tmp_path / "sweeps", ignore_errors=True)
