@@ -237,7 +237,7 @@ def cost_quality(frame, costs: list[tuple[str, str]], metric: str, mode: str, fr
 def intervals(table, frame, metric: str, group: str = "configuration") -> bytes:
     """Mean and 95% confidence interval per configuration, with each trial as a dot."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.0, 0.8 + 0.5 * len(table)))
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.55 * len(table)))
     for i, r in enumerate(table.itertuples(index=False)):
         row = r._asdict()
         color = family_color(row["family"])
@@ -246,6 +246,7 @@ def intervals(table, frame, metric: str, group: str = "configuration") -> bytes:
         points = frame.loc[frame[group] == row[group], metric].dropna()
         ax.scatter(points, [i] * len(points), color=color, alpha=0.35, s=14)
     ax.set_yticks(range(len(table)), [str(v)[:50] for v in table[group]], fontsize=8)
+    ax.set_ylim(-0.6, len(table) - 0.4)
     ax.set_xlabel(f"{metric}: mean and 95% CI")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
