@@ -61,6 +61,28 @@ def test_every_update_skipped_by_deepspeed_overflow_is_a_failure():
     ok.check_trained(9)
 
 
+def test_a_run_whose_every_update_was_skipped_stays_refused_after_a_resume():
+    # DeepSpeed's own counters survive resumes: a rerun that resumes at max_steps still refuses the export.
+    with pytest.raises(NonFiniteLoss, match="skipped every one of the 6 updates"):
+        NonFiniteGuard().check_trained(6, updates=6, skipped=6)
+    NonFiniteGuard().check_trained(6, updates=6, skipped=5)
+
+
+def test_skipping_nonfinite_steps_is_refused_where_deepspeed_does_not_check_overflow():
+    from raydistill.config import load_config
+    from raydistill.train.faults import skip_unsupported
+
+    def cfg(*overrides):
+        return load_config(None, ["teacher.name=tiny-gpt2", *overrides])
+
+    assert skip_unsupported(cfg("train.nonfinite=skip")) is None
+    assert "deepspeed.zero_stage=0" in skip_unsupported(cfg("train.nonfinite=skip", "deepspeed.zero_stage=0"))
+    assert "train.precision=bf16" in skip_unsupported(cfg("train.nonfinite=skip", "train.precision=bf16"))
+    assert skip_unsupported(cfg("train.nonfinite=skip", "train.precision=bf16",
+                                "deepspeed.extra={bf16: {check_grad_overflow: true}}")) is None
+    assert skip_unsupported(cfg("deepspeed.zero_stage=0")) is None
+
+
 def test_the_failure_behind_a_ray_train_error_is_one_line():
     from ray.train import WorkerGroupError
 
@@ -173,7 +195,7 @@ def _export_worker(tmp_path: Path, model, tokenizer):
 
     worker = Worker.__new__(Worker)
     worker.is_main, worker.rank, worker.world = True, 0, 1
-    worker.cfg = SimpleNamespace(deepspeed=SimpleNamespace(zero_stage=2), name="t")
+    worker.cfg = SimpleNamespace(deepspeed=SimpleNamespace(zero_stage=2), name="t", data=SimpleNamespace(block_size=32))
 
     class Module(torch.nn.Module):
         def __init__(self):

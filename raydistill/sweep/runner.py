@@ -16,7 +16,7 @@ from raydistill.sweep import results as R
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import grid_size, param_space
 from raydistill.sweep.trial import INTERRUPTED, trial_driver
-from raydistill.train.faults import Interrupted
+from raydistill.train.faults import Interrupted, skip_unsupported
 
 try:
     from ray.tune import Callback as _TuneCallback
@@ -327,6 +327,8 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     spec = sweep.spec
     check_scheduler(sweep)
     base_cfg = sweep.base_config()
+    if skip_unsupported(base_cfg):
+        raise ConfigError(skip_unsupported(base_cfg))
     if not base_cfg.ray.dashboard and not (base_cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         # Ray Train frees a stopped trial's worker placement group through the State API, which the
         # dashboard serves: without it, the first trial a scheduler stops blocks every later one.

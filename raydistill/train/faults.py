@@ -95,11 +95,14 @@ class NonFiniteGuard:
                 f"{step}: the model is not training. The run stopped and nothing was exported; {where}.{self.hint}")
         return None
 
-    def check_trained(self, step: int) -> None:
-        """Before the export: refuse a student that no update ever reached."""
-        if self.steps and not self.applied:
+    def check_trained(self, step: int, updates: int | None = None, skipped: int | None = None) -> None:
+        """Before the last checkpoint and the export: refuse a student that no update ever reached. ``updates`` and
+        ``skipped`` are DeepSpeed's counts over the whole run (they survive resumes); default: this session's."""
+        if updates is None or skipped is None:
+            updates, skipped = self.steps, self.steps - self.applied
+        if updates and skipped >= updates:
             raise NonFiniteLoss(
-                f"DeepSpeed skipped every one of the {self.steps} updates up to step {step} (gradient overflow): "
+                f"DeepSpeed skipped every one of the {updates} updates up to step {step} (gradient overflow): "
                 f"the student is still its starting point, so nothing was exported.{self.hint}")
 
 
@@ -166,3 +169,19 @@ def clear_failure(output_dir) -> None:
         (Path(output_dir) / FAILURE_FILE).unlink()
     except FileNotFoundError:
         pass
+
+
+def skip_unsupported(cfg) -> str | None:
+    """Why ``train.nonfinite=skip`` cannot work with this config (it relies on DeepSpeed's overflow check, which
+    skips an update with non-finite gradients), or None."""
+    if cfg.train.nonfinite != "skip":
+        return None
+    if cfg.deepspeed.zero_stage == 0:
+        return ("train.nonfinite=skip needs DeepSpeed's overflow check, which ZeRO stage 0 does not run "
+                "(got deepspeed.zero_stage=0); allowed: deepspeed.zero_stage 1-3, or train.nonfinite=stop")
+    bf16_check = bool(((cfg.deepspeed.extra or {}).get("bf16") or {}).get("check_grad_overflow"))
+    if cfg.train.precision == "bf16" and not bf16_check:
+        return ("train.nonfinite=skip needs DeepSpeed's overflow check, which bf16 runs only with "
+                "deepspeed.extra.bf16.check_grad_overflow=true (got train.precision=bf16); allowed: fp32, fp16, "
+                "that setting, or train.nonfinite=stop")
+    return None

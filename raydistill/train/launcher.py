@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 
 from raydistill.config import ExperimentConfig, TrainSpec, dump_config
+from raydistill.errors import ConfigError
 from raydistill.fsutil import write_text_atomic
 from raydistill.train import checkpoints, cluster
-from raydistill.train.faults import Interrupted, RunFailure, clear_failure, failure_message, read_failure
+from raydistill.train.faults import (Interrupted, RunFailure, clear_failure, failure_message, read_failure,
+                                     skip_unsupported)
 from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
 
 RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
@@ -143,6 +145,8 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     from raydistill.train.worker import train_loop_per_worker
 
     cfg = plan.cfg
+    if skip_unsupported(cfg):
+        raise ConfigError(skip_unsupported(cfg))
     for note in plan.notes:
         print(f"[raydistill] note: {note}", flush=True)
     out = Path(plan.output_dir)
@@ -237,6 +241,8 @@ def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
     import ray
 
     plan = prepare(cfg, mode=mode)
+    if skip_unsupported(cfg):
+        raise ConfigError(skip_unsupported(cfg))
     owned = not ray.is_initialized()
     try:
         init_ray(cfg)

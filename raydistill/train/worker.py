@@ -332,6 +332,8 @@ class Worker:
         extras = {"step": step, "step_seed": _step_seed(t.seed, step)}
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        skip = t.nonfinite == "skip"
+        bad = torch.zeros((), device=self.device)
         for micro, (batch, streams, generated) in enumerate(micro_batches):
             # Dropout and objective randomness are a function of the step: resumes replay exactly.
             seed = _step_seed(t.seed, step, micro, self.rank)
@@ -340,7 +342,13 @@ class Worker:
                                      share=share)
             # ``loss`` is this micro-batch's share of the step's loss; DeepSpeed divides the gradient by the
             # micro-batches and averages it over workers, which this factor undoes.
-            self.engine.backward(loss / share)
+            scaled = loss / share
+            if skip:  # train.nonfinite=skip: one extra all-reduce per step, only in this mode
+                bad = bad + sum((~torch.isfinite(v.detach())).float().sum() for v in (loss, *logs.values()))
+                if micro == len(micro_batches) - 1 and self._any_rank(bad):
+                    # Non-finite gradients make DeepSpeed's overflow check skip the whole update and zero them.
+                    scaled = scaled * math.inf
+            self.engine.backward(scaled)
             self.engine.step()
             tokens += int(batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum()) for b in streams.values())
             if on_policy:
@@ -348,6 +356,12 @@ class Worker:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
         return self._all_reduce_sum(sums), tokens * self.world
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        flag = flag.detach().reshape(1).float().clone()
+        if self.world > 1:
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     def _step_counts(self, micro_batches: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
         """Each objective's positions summed over the given (batch, streams) micro-batches and all workers."""
@@ -570,8 +584,11 @@ class Worker:
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
                 metrics.update(self.evaluate())
-                bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")})
-                if bad:  # weights that give a non-finite validation loss are corrupt: never export them
+                # Weights that give a non-finite validation loss are corrupt: never export them. Skipping
+                # non-finite steps, only the student's own cross-entropy counts (an objective may stay NaN).
+                bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")
+                                 and (t.nonfinite == "stop" or k == "val/ce")})
+                if bad:
                     terms = ", ".join(f"{k}={v!r}" for k, v in sorted(bad.items()))
                     failure = NonFiniteLoss(
                         f"non-finite validation at step {step}: {terms}. The run stopped there and nothing was "
@@ -579,6 +596,11 @@ class Worker:
                                          if self.checkpoint_step else "no checkpoint was written before it"))
                     do_ckpt = False
             progress.log(metrics)
+            if last and failure is None:  # before the final checkpoint: a rerun must not export it either
+                try:
+                    guard.check_trained(step, self.engine.global_steps, self.engine.skipped_steps)
+                except NonFiniteLoss as e:
+                    failure = e
             if failure is not None:
                 progress.close()
                 raise failure
@@ -586,7 +608,7 @@ class Worker:
                 self.checkpoint_and_report(step, metrics)
             elif do_report:
                 ray.train.report(metrics)
-        guard.check_trained(t.max_steps)
+        guard.check_trained(t.max_steps, self.engine.global_steps, self.engine.skipped_steps)
         self.export(t.max_steps)
         if self.world > 1:
             dist.barrier()
