@@ -265,3 +265,32 @@ def test_sweep_override_errors_name_the_sweep_files_keys(tmp_path, override, mes
     with pytest.raises(ConfigError, match=message) as err:
         load(tmp_path, [override])
     assert "teacher" not in str(err.value).split("allowed:")[1].split(";")[0]  # not the experiment's keys
+
+
+def test_eval_teacher_setting_defaults_on_is_typed_and_survives_the_saved_sweep(tmp_path):
+    from types import SimpleNamespace
+
+    from raydistill.sweep.teacher import existing_scores, teacher_model
+
+    assert load(tmp_path).spec.eval.teacher is True  # default: the teacher is scored
+    off = load(tmp_path, ["eval.teacher=false"])
+    assert off.spec.eval.teacher is False
+    assert yaml.safe_load(off.to_yaml())["eval"]["teacher"] is False  # what --resume reads
+    with pytest.raises(ConfigError, match="eval.teacher"):
+        load(tmp_path, eval={"teacher": "sometimes"})
+    with pytest.raises(ConfigError, match="eval"):
+        load(tmp_path, eval={"teachers": True})
+    # What is scored: a pretrained or named teacher; a random preset (teacher_source None) is not.
+    cfg = SimpleNamespace(teacher=SimpleNamespace(name="tiny-gpt2", revision=None))
+    assert teacher_model(cfg, SimpleNamespace(teacher_source=None))[0] is None
+    assert teacher_model(cfg, SimpleNamespace(teacher_source="/cache/teacher")) == ("/cache/teacher", "")
+    hub = SimpleNamespace(teacher=SimpleNamespace(name="org/model", revision="v1"))
+    assert teacher_model(hub, SimpleNamespace(teacher_source="org/model"))[0] is None
+    # --resume reuses a readable teacher/bench.json only.
+    sweep = load(tmp_path)
+    assert existing_scores(sweep) is None
+    (Path(sweep.dir) / "teacher").mkdir(parents=True)
+    (Path(sweep.dir) / "teacher" / "bench.json").write_text("{cut")
+    assert existing_scores(sweep) is None
+    (Path(sweep.dir) / "teacher" / "bench.json").write_text('{"summary": [{"task": "t", "metric": "m", "mean": 1}]}')
+    assert existing_scores(sweep)["summary"][0]["mean"] == 1

@@ -13,6 +13,7 @@ from typing import Any
 from raydistill.errors import ConfigError
 from raydistill.fsutil import write_text_atomic
 from raydistill.sweep import results as R
+from raydistill.sweep import teacher as teacher_bench
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import grid_size, param_space
 from raydistill.sweep.trial import INTERRUPTED, trial_driver
@@ -342,7 +343,7 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     timeout = cluster.resource_timeout(base_cfg.scaling, joined_existing_cluster(base_cfg))
     _check_cluster(sweep, timeout)
     # Train a preset teacher once here, so concurrent trials find it cached instead of racing to train it.
-    with_teacher(base_cfg, prepare(base_cfg))
+    plan = with_teacher(base_cfg, prepare(base_cfg))
     directory = sweep.dir
     INTERRUPT.reset(Path(directory) / INTERRUPTED if sweep.is_local else None)
     if sweep.is_local:
@@ -367,6 +368,8 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec.storage_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[SweepMonitor(sweep, directory), *tracker_callbacks(sweep)]))
+    # The teacher's own scores (teacher/bench.json), as a Ray task beside the trials: collected after them.
+    teacher_ref = teacher_bench.start(sweep, base_cfg, plan, resume=resume_path is not None)
     quiet = _QuietTuneInterrupt()
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(quiet)
@@ -378,7 +381,10 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             INTERRUPT.marker.unlink()
     if INTERRUPT.event.is_set():
         raise Interrupted(interrupted_summary(sweep, directory, grid))
+    teacher_scores = teacher_bench.collect(teacher_ref)
     out = finish(sweep, directory, grid)
+    if teacher_scores is not None:
+        out["teacher"] = teacher_scores
     out["free_cpus"], out["total_cpus"] = _settled_cpus()
     print(f"[raydistill] cluster after the sweep: {out['free_cpus']:g} of {out['total_cpus']:g} CPUs free", flush=True)
     return out

@@ -43,6 +43,9 @@ class EvalSpec(Strict):
                                           "each trial (see raydistill eval); null: none")
     data_dir: str | None = Field(None, description="benchmark data directory (GLUE, SQuAD, CoNLL-2003 files)")
     settings: dict[str, Any] = Field(default_factory=dict, description="raydistill.eval.EvalSettings fields")
+    teacher: bool = Field(True, description="also score the teacher once per sweep on the same tasks and "
+                          "settings (STORAGE/NAME/teacher/bench.json, reused by --resume): the report's teacher "
+                          "row and teacher-baseline gap; a randomly initialised preset teacher is not scored")
 
 
 def _on_off(v: Any) -> Any:

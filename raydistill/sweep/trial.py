@@ -60,21 +60,30 @@ def bench_scores(summary) -> dict[str, float]:
     return {f"bench/{row.task}/{row.metric}": float(row.mean) for row in summary}
 
 
-def run_benchmarks(sweep: Sweep, cfg, model_dir: str, trial_dir: Path) -> dict[str, float]:
+def bench_settings(sweep: Sweep, cfg):
+    """The EvalSettings every model of the sweep is scored with (trials' students and the teacher)."""
+    from raydistill.eval.settings import EvalSettings
+
+    # The built-in tasks come from the same generated world as the training corpus.
+    return EvalSettings(**{"builtin_seed": cfg.data.builtin.seed, **sweep.spec.eval.settings})
+
+
+def bench_json(report) -> str:
+    """``bench.json``: an evaluation report's summary (what ``raydistill report`` reads), rows, time and notes."""
     from dataclasses import asdict
 
+    return json.dumps({"summary": [asdict(r) for r in report.summary], "rows": [asdict(r) for r in report.rows],
+                       "wall_s": report.wall_s, "notes": report.notes}, indent=2)
+
+
+def run_benchmarks(sweep: Sweep, cfg, model_dir: str, trial_dir: Path) -> dict[str, float]:
     from raydistill.eval.runner import evaluate
-    from raydistill.eval.settings import EvalSettings
 
     spec = sweep.spec.eval
     if not spec.tasks:
         return {}
-    # The built-in tasks come from the same generated world as the training corpus.
-    settings = EvalSettings(**{"builtin_seed": cfg.data.builtin.seed, **spec.settings})
-    report = evaluate(model_dir, spec.tasks, settings, spec.data_dir, use_ray=True)
-    write_text_atomic(trial_dir / "bench.json", json.dumps(
-        {"summary": [asdict(r) for r in report.summary], "rows": [asdict(r) for r in report.rows],
-         "wall_s": report.wall_s, "notes": report.notes}, indent=2))
+    report = evaluate(model_dir, spec.tasks, bench_settings(sweep, cfg), spec.data_dir, use_ray=True)
+    write_text_atomic(trial_dir / "bench.json", bench_json(report))
     return bench_scores(report.summary)
 
 
