@@ -106,8 +106,9 @@ def leaderboard(d: SweepData) -> Section:
     baseline = t[t["family"] == "baseline"]
     missing = []
     if not d.teacher:
-        missing.append("the teacher's own benchmark scores (no teacher/bench.json: the sweep scores only its "
-                       "students)")
+        missing.append("the teacher's own benchmark scores (no teacher/bench.json: the sweep ran with "
+                       "eval.teacher false, a random preset teacher, no eval.tasks, or the teacher's scoring failed "
+                       "or has not finished)")
     if baseline.empty:
         missing.append("a baseline trial (a student trained with the task loss alone: objective family 'baseline')")
     if missing:
