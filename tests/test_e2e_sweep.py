@@ -2,7 +2,8 @@
 
 - ASHA stops a weak trial early, the sweep finishes and no CPU stays reserved.
 - A trial with a bad value inside the space fails while the others finish; a sweep interrupted after one
-  finished trial resumes with ``--resume`` and runs only the remaining trials."""
+  finished trial resumes with ``--resume`` and runs only the remaining trials; that sweep's pretrained teacher is
+  scored once (teacher/bench.json, reused by the resume when written) and the report shows its row."""
 
 import json
 import os
@@ -92,8 +93,10 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
 
 def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cache_dir):
     # Three trials in grid order: a good one, one whose lr the config refuses, another good one. The sweep
-    # is interrupted (SIGINT) once the first has finished; --resume must not run the first again.
+    # is interrupted (SIGINT) once the first has finished; --resume must not run the first again. The teacher
+    # is pretrained briefly (cached), so the sweep also scores it once (eval.teacher, on by default).
     path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-3, -1.0, 2e-3]}},
+                      set={"teacher.pretrain": {"max_steps": 8, "lr": 3e-3, "batch_size": 8}},
                       metric="bench/builtin-ppl/perplexity", mode="min",
                       eval={"tasks": ["builtin-ppl"], "settings": {"builtin_eval_examples": 50}})
     directory = tmp_path / "sweeps" / "s"
@@ -110,6 +113,8 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
     before = pd.read_csv(directory / "results.csv")
     assert (before["status"] == "finished").sum() == 1, (before.to_dict("records"), first[-3000:])
     done_trial = before.loc[before["status"] == "finished", "trial"].item()
+    teacher_bench = directory / "teacher" / "bench.json"
+    scored_before = teacher_bench.read_bytes() if teacher_bench.is_file() else None
 
     out = finish(cli("sweep", "--resume", str(directory)))
     frame = pd.read_csv(directory / "results.csv").set_index("config/train.lr")
@@ -118,6 +123,14 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
     assert frame.loc[3e-3, "trial"] == done_trial
     assert starts(directory / f"trial_{done_trial}") == 1  # not redone
     assert frame["bench/builtin-ppl/perplexity"].notna().sum() == 2
+    # The teacher was scored once on the same task, in the trials' bench.json format; a resume reuses the scores
+    # when the interrupted sweep had written them (else it scores the teacher then).
+    teacher = json.loads(teacher_bench.read_text())
+    assert [(r["task"], r["metric"]) for r in teacher["summary"]] == [("builtin-ppl", "perplexity")], out[-3000:]
+    if scored_before is not None:
+        assert "teacher scores: reusing" in out and teacher_bench.read_bytes() == scored_before, out[-3000:]
+    else:
+        assert "[raydistill] teacher scores (" in out, out[-3000:]
     # The outputs a user reads: leaderboard, best config (runnable) and best student.
     assert "sweep s: bench/builtin-ppl/perplexity (min)" in out
     from raydistill.config import load_config
@@ -139,3 +152,4 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
     report = check_report_of_sweep(directory, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "3 trials (1 failed, 2 finished)" in md and "![" in md, report["stdout"]
+    assert "| teacher" in md and "no teacher/bench.json" not in md, md[:3000]  # the teacher row
