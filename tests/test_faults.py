@@ -445,3 +445,33 @@ def test_exit_status_says_what_happened(monkeypatch, capsys, raised, code):
     if raised != "sigint":
         err = capsys.readouterr().err.strip()
         assert err == (str(raised) if code == 130 else f"error: {raised}")
+
+
+def test_a_weight_file_that_does_not_load_on_a_worker_is_one_line_naming_it(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raydistill.train.worker import Worker
+
+    config = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "teacher")
+    weights = tmp_path / "teacher" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])  # cut short after the driver's checks
+    with pytest.raises(RunFailure) as err:
+        Worker._load("teacher", config, str(tmp_path / "teacher"), None)
+    msg = err.value.message
+    assert msg.startswith(f"cannot load the teacher weights in {tmp_path / 'teacher'} (model.safetensors):")
+    assert "\n" not in msg
+
+
+def test_an_agreed_failure_ends_the_workers_cleanly_with_a_note_for_the_driver(tmp_path):
+    from raydistill.train.worker import Worker
+
+    worker = Worker.__new__(Worker)
+    worker.is_main, worker.output_dir, worker.attempt = True, tmp_path, "a7"
+
+    def fail():
+        raise NonFiniteLoss("non-finite loss at step 4: loss=nan")
+
+    worker._run = fail
+    worker.run()  # returns: Ray Train neither retries nor prints a traceback
+    assert read_failure(tmp_path, "a7") == "non-finite loss at step 4: loss=nan"
