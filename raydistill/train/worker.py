@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from raydistill.data.blocks import BatchSampler
 from raydistill.data.prompts import ResponseSampler, Sequences, batch_prompts, build_sequences, rows_to_batch
+from raydistill.fsutil import normalise_modes, swap_dir, write_atomic, write_text_atomic
 from raydistill.generation import (GenerationCache, generate_responses, generation_key, model_identity,
                                    on_policy_draw, padded_shard)
 from raydistill.models.adapters import eval_mode
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
 from raydistill.objectives import build_objectives
-from raydistill.fsutil import normalise_modes, swap_dir, write_atomic, write_text_atomic
 from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
 from raydistill.train.faults import NonFiniteGuard, NonFiniteLoss, RunFailure, nonfinite, write_failure
