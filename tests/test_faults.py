@@ -305,26 +305,34 @@ def test_an_unreachable_ray_address_fails_the_command_before_ray_starts(tmp_path
     assert "Traceback" not in proc.stderr
 
 
-def _spawn(name: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(["bash", "-c", f'exec -a "{name}" sleep 120'], env={**os.environ, **env})
+def _spawn(argv0: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # a Ray process holds its session's log files open
+    return subprocess.Popen(["bash", "-c", f'exec -a "{argv0}" sleep 120'], env={**os.environ, **(env or {})},
+                            stdout=out)
 
 
-def test_ray_processes_whose_raylet_is_gone_are_found_and_stopped():
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    raylet = _spawn("/x/ray/core/src/ray/raylet/raylet", {})
-    orphan = _spawn("ray::DashboardAgent", {"RAY_RAYLET_PID": str(dead.pid)})
-    alive = _spawn("ray::RuntimeEnvAgent", {"RAY_RAYLET_PID": str(raylet.pid)})
-    unrelated = _spawn("ray::Other", {})
+def test_ray_processes_whose_session_has_no_raylet_left_are_found_and_stopped(tmp_path):
+    from raydistill.train.cluster import remember_session, remembered_sessions
+
+    remember_session(tmp_path / "cache", "session_2026-01-01_00-00-00_000001_1")
+    assert remembered_sessions(tmp_path / "cache") == {"session_2026-01-01_00-00-00_000001_1"}
+    dead, live = tmp_path / "session_2026-01-01_00-00-00_000001_1", tmp_path / "session_2026-01-01_00-00-00_000002_2"
+    for s in (dead, live):
+        (s / "logs").mkdir(parents=True)
+    raylet = _spawn(f"/x/ray/core/src/ray/raylet/raylet --raylet_socket_name={live}/sockets/raylet")
+    orphan = _spawn("ray::DashboardAgent", log=dead / "logs" / "dashboard_agent.out")
+    served = _spawn("ray::RuntimeEnvAgent", log=live / "logs" / "runtime_env_agent.out")
+    unrelated = _spawn("ray::Other")  # no session files open: never touched
     try:
         time.sleep(0.5)
-        found = cluster.orphaned_ray_processes()
-        assert orphan.pid in found and alive.pid not in found and unrelated.pid not in found
-        assert orphan.pid in cluster.cleanup_orphans()
-        assert orphan.wait(timeout=10) == -signal.SIGTERM
-        assert alive.poll() is None
+        mine = {dead.name, live.name}  # only this test's sessions: other Ray processes here are not its own
+        found = cluster.orphaned_ray_processes(mine)
+        assert found == [orphan.pid]
+        assert cluster.cleanup_orphans(mine) == [orphan.pid]
+        assert orphan.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+        assert served.poll() is None and unrelated.poll() is None
     finally:
-        for p in (raylet, orphan, alive, unrelated):
+        for p in (raylet, orphan, served, unrelated):
             if p.poll() is None:
                 p.kill()
                 p.wait()

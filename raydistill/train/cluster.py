@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from raydistill.errors import ConfigError
@@ -146,49 +147,123 @@ def resource_timeout(scaling: Any, joined_existing: bool) -> float:
     return EXISTING_CLUSTER_TIMEOUT_S if joined_existing else 0.0
 
 
-def orphaned_ray_processes() -> list[int]:
-    """Ray processes (``ray::...``: agents, idle workers) of this user whose raylet is gone: what a killed driver's
-    local cluster leaves behind for a minute or two. Only processes whose environment names their raylet
-    (``RAY_RAYLET_PID``) are considered, and only when no raylet runs under that id."""
-    import os
-    from pathlib import Path
+_SESSION = re.compile(r"(session_\d{4}-\d{2}-\d{2}_[\w.-]+?)(?:/|$|\s)")
 
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+
+def _cmdline(entry) -> str:
+    return entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _sessions_in(text: str) -> set[str]:
+    return set(_SESSION.findall(text + " "))
+
+
+def orphaned_ray_processes(sessions: set[str] | None = None) -> list[int]:
+    """Ray processes (``ray::...``: agents, idle workers) of this user whose Ray session has no raylet and no GCS
+    left: what a killed driver's local cluster leaves behind for a minute or two. A process's session is read
+    from the files it holds open under ``/tmp/ray/session_*``; ``sessions`` limits the search to those."""
+    import os
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    me, uid = os.getpid(), os.getuid()
+    live: set[str] = set()
+    candidates: list[tuple[int, set[str]]] = []
+    for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if not cmd.startswith("ray::"):
-                continue
-            env = dict(line.split(b"=", 1) for line in (entry / "environ").read_bytes().split(b"\0") if b"=" in line)
+            cmd = _cmdline(entry)
         except OSError:
             continue
-        raylet = env.get(b"RAY_RAYLET_PID", b"").decode()
-        if not raylet.isdigit():
+        head = cmd.split(" ", 1)[0]
+        if "raylet" in head or "gcs_server" in head:
+            live |= _sessions_in(cmd)
+            continue
+        if not cmd.startswith("ray::"):
             continue
         try:
-            alive = b"raylet" in Path(f"/proc/{raylet}/cmdline").read_bytes()
+            if entry.stat().st_uid != uid:
+                continue
+            held = set()
+            for fd in entry.joinpath("fd").iterdir():
+                try:
+                    held |= _sessions_in(os.readlink(fd))
+                except OSError:
+                    pass
         except OSError:
-            alive = False
-        if not alive:
-            found.append(int(entry.name))
-    return sorted(found)
+            continue
+        if held and (sessions is None or held & sessions):
+            candidates.append((int(entry.name), held))
+    return sorted(pid for pid, held in candidates if not held & live)
 
 
-def cleanup_orphans() -> list[int]:
-    """Stop (SIGTERM) what ``orphaned_ray_processes`` finds; return their ids."""
+SESSIONS_FILE = "ray_sessions.jsonl"  # in the cache directory: the local Ray sessions raydistill started
+
+
+def remember_session(cache_dir: str | Path, session: str) -> None:
+    import json
+    import os
+    import socket as _socket
+
+    path = Path(cache_dir).expanduser() / SESSIONS_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"session": session, "host": _socket.gethostname(), "driver_pid": os.getpid(),
+                                "time": time.time()}) + "\n")
+    except OSError:
+        pass
+
+
+def remembered_sessions(cache_dir: str | Path) -> set[str]:
+    import json
+    import socket as _socket
+
+    host = _socket.gethostname()
+    try:
+        lines = (Path(cache_dir).expanduser() / SESSIONS_FILE).read_text().splitlines()
+    except OSError:
+        return set()
+    out = set()
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("host") == host and rec.get("session"):
+            out.add(rec["session"])
+    return out
+
+
+def cleanup_orphans(sessions: set[str] | None = None, grace_s: float = 3.0) -> list[int]:
+    """Stop what ``orphaned_ray_processes(sessions)`` finds (SIGTERM, then SIGKILL after ``grace_s``); return
+    their ids."""
     import os
     import signal
 
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped) counts as gone
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
     stopped = []
-    for pid in orphaned_ray_processes():
+    for pid in orphaned_ray_processes(sessions):
         try:
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
         except OSError:
             pass
+    deadline = time.monotonic() + grace_s
+    while any(alive(p) for p in stopped) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in stopped:  # Ray's agents wait for their raylet on SIGTERM, which is gone
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     return stopped

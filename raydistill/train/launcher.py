@@ -60,8 +60,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
         kwargs.update(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
-        # A driver killed with SIGKILL leaves its local cluster's agents running for a minute or two.
-        stopped = cluster.cleanup_orphans()
+        # A driver killed with SIGKILL leaves its local cluster's agents running for a minute or two: stop those
+        # of the sessions raydistill started (recorded in the cache directory) whose raylet and GCS are gone.
+        stopped = cluster.cleanup_orphans(cluster.remembered_sessions(cfg.cache_dir))
         if stopped:
             print(f"[raydistill] stopped {len(stopped)} Ray processes left by a killed run (their raylet was gone): "
                   f"{stopped}", flush=True)
@@ -75,6 +76,13 @@ def init_ray(cfg: ExperimentConfig) -> None:
     finally:
         if timer is not None:
             timer.cancel()
+    if address is None:
+        try:
+            session = Path(ray._private.worker._global_node.get_session_dir_path()).name
+        except Exception:  # noqa: BLE001 - private API: without it, orphans are left to exit by themselves
+            session = None
+        if session:
+            cluster.remember_session(cfg.cache_dir, session)
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(f"[raydistill] Ray dashboard: http://{url}", flush=True)
