@@ -32,6 +32,29 @@ def ray_cluster():
 
 
 @pytest.fixture
+def s3_server(monkeypatch):
+    """An in-process S3 stand-in (moto's server) with a bucket ``bucket``; yields the query string that points
+    pyarrow's ``s3://`` URIs at it."""
+    pytest.importorskip("moto.server", reason="moto[server] not installed (pip install -e '.[test]')")
+    pytest.importorskip("flask", reason="moto's server mode needs flask (pip install 'moto[server]')")
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
+        pafs.FileSystem.from_uri(f"s3://bucket?{query}")[0].create_dir("bucket")
+        yield query
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def cache_dir(tmp_path_factory):
     """One cache per test session: tokenizers, packed data and pretrained teachers are reused."""
     return str(tmp_path_factory.getbasetemp() / "raydistill-cache")

@@ -373,38 +373,24 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     render_in_browser(Path(out["html"]), tmp_path)
 
 
-def test_report_from_s3_through_an_in_process_server(tmp_path, monkeypatch):
-    pytest.importorskip("moto.server", reason="moto[server] not installed (pip install -e '.[test]')")
-    pytest.importorskip("flask", reason="moto's server mode needs flask (pip install 'moto[server]')")
+def test_report_from_s3_through_an_in_process_server(tmp_path, s3_server):
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
-        s3, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}")
-        s3.create_dir("bucket")
-        directory = write_sweep(tmp_path, seeds=(0, 1))
-        pafs.copy_files(str(directory), "bucket/sweeps/syn", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=s3)
-        uri = f"s3://bucket/sweeps/syn?{query}"
-        data = load_sweep(uri)
-        assert len(data.table) == 8 and data.teacher and data.trials["abc_00000"].curves is not None
-        out = build_report(uri, output=tmp_path / "out")
-        check_html(Path(out["html"]))
-        check_pngs(out["figures"])
-        local = (Path(build_report(str(directory), output=tmp_path / "local")["markdown"])).read_text()
-        remote = Path(out["markdown"]).read_text()
-        assert "endpoint_override" not in remote and "s3://bucket/sweeps/syn" in remote  # query strings may hold keys
-        # Same content whatever the storage (the first lines name the location and the time).
-        assert remote.split("<a id=\"leaderboard\">")[1] == local.split("<a id=\"leaderboard\">")[1]
-    finally:
-        server.stop()
+    s3, _ = pafs.FileSystem.from_uri(f"s3://bucket?{s3_server}")
+    directory = write_sweep(tmp_path, seeds=(0, 1))
+    pafs.copy_files(str(directory), "bucket/sweeps/syn", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3)
+    uri = f"s3://bucket/sweeps/syn?{s3_server}"
+    data = load_sweep(uri)
+    assert len(data.table) == 8 and data.teacher and data.trials["abc_00000"].curves is not None
+    out = build_report(uri, output=tmp_path / "out")
+    check_html(Path(out["html"]))
+    check_pngs(out["figures"])
+    local = (Path(build_report(str(directory), output=tmp_path / "local")["markdown"])).read_text()
+    remote = Path(out["markdown"]).read_text()
+    assert "endpoint_override" not in remote and "s3://bucket/sweeps/syn" in remote  # query strings may hold keys
+    # Same content whatever the storage (the first lines name the location and the time).
+    assert remote.split("<a id=\"leaderboard\">")[1] == local.split("<a id=\"leaderboard\">")[1]
 
 
 def test_report_never_imports_the_training_code(tmp_path):

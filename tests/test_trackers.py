@@ -194,25 +194,8 @@ def test_results_on_a_file_uri(tmp_path):
     _check_results_on_storage(tmp_path, (tmp_path / "remote").as_uri())
 
 
-def test_results_on_s3_through_an_in_process_server(tmp_path, monkeypatch):
-    pytest.importorskip("moto.server", reason="moto[server] not installed (pip install -e '.[test]')")
-    pytest.importorskip("flask", reason="moto's server mode needs flask (pip install 'moto[server]')")
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
-        s3, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}")
-        s3.create_dir("bucket")
-        _check_results_on_storage(tmp_path, f"s3://bucket/sweeps?{query}")
-    finally:
-        server.stop()
+def test_results_on_s3_through_an_in_process_server(tmp_path, s3_server):
+    _check_results_on_storage(tmp_path, f"s3://bucket/sweeps?{s3_server}")
 
 
 def test_missing_results_on_a_uri_are_one_message(tmp_path):
