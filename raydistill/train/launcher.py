@@ -60,6 +60,13 @@ def init_ray(cfg: ExperimentConfig) -> None:
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
         kwargs.update(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
+        if cfg.ray.dashboard:
+            # Ray's processes find the State API (which Ray Train's placement-group cleaner needs to free a stopped
+            # trial's workers) by looking for "the" local Ray instance; with several on the machine that fails
+            # and a stopped trial's workers are never freed. Tell them where this cluster's dashboard is.
+            port = _free_port()
+            kwargs["dashboard_port"] = port
+            kwargs["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # A driver killed with SIGKILL leaves its local cluster's agents running for a minute or two: stop those
         # of the sessions raydistill started (recorded in the cache directory) whose raylet and GCS are gone.
         stopped = cluster.cleanup_orphans(cluster.remembered_sessions(cfg.cache_dir))
@@ -86,6 +93,17 @@ def init_ray(cfg: ExperimentConfig) -> None:
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(f"[raydistill] Ray dashboard: http://{url}", flush=True)
+        if "dashboard_port" in kwargs and not url.endswith(f":{kwargs['dashboard_port']}"):
+            print(f"[raydistill] note: the dashboard took another port than {kwargs['dashboard_port']}; with "
+                  "several Ray clusters on this machine, a trial a scheduler stops may keep its workers", flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 _TRAINER_CLASS = None
