@@ -58,11 +58,6 @@ def starts(trial_dir: Path) -> int:
     return sum(json.loads(ln)["event"] == "start" for ln in (trial_dir / "trial.jsonl").read_text().splitlines())
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open regression, not run: twice at the end of this session (once alone, on a loaded 2-core machine) the "
-    "trial after the one ASHA stopped started but never reported, the sweep hanging past 400 s (the stopped "
-    "trial's placement group apparently not released); it passed earlier the same day with the same MLflow "
-    "callbacks. A hung sweep would also leave its processes to the next test, so it is not run until fixed."))
 def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cache_dir):
     # Grid order is fixed and trials run one at a time. The first passes the first rung (nothing to compare
     # with); the second (lr ~ 0) is behind it and is stopped there; the third must still get its worker
