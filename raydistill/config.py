@@ -397,6 +397,10 @@ class TrainSpec(Strict):
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or term: 'stop' the run at that step (no export), or 'skip' the step "
         "when DeepSpeed's overflow check did not apply it (counted in the log)")
+    divergence: Literal["warn", "stop", "off"] = Field(
+        "warn", description="a finite loss that explodes (smoothed, above its start and divergence_factor x its "
+        "lowest): 'warn' once (metrics get diverged_at_step), 'stop' the run there (no export), or 'off'")
+    divergence_factor: float = Field(4.0, gt=1, description="how many times its lowest the smoothed loss must reach")
 
     @field_validator("betas")
     @classmethod

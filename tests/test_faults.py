@@ -19,8 +19,8 @@ import torch
 
 from raydistill.errors import ConfigError
 from raydistill.train import checkpoints, cluster
-from raydistill.train.faults import (MAX_CONSECUTIVE_SKIPPED, Interrupted, NonFiniteGuard, NonFiniteLoss, RunFailure,
-                                     clear_failure, failure_message, read_failure, write_failure)
+from raydistill.train.faults import (MAX_CONSECUTIVE_SKIPPED, DivergenceWatch, Interrupted, LossDiverged, NonFiniteGuard,
+                                     NonFiniteLoss, RunFailure, clear_failure, failure_message, read_failure, write_failure)
 
 
 # ----------------------------------------------------------------------------------------------- non-finite loss
@@ -59,6 +59,43 @@ def test_every_update_skipped_by_deepspeed_overflow_is_a_failure():
     for step in range(1, 10):
         ok.check(step, {"loss": 2.0}, applied=step > 4)
     ok.check_trained(9)
+
+
+# ------------------------------------------------------------------------------------------- finite divergence
+def _feed(watch: DivergenceWatch, losses) -> list[tuple[int, str]]:
+    return [(step, note) for step, loss in enumerate(losses, 1) if (note := watch.check(step, loss))]
+
+
+def test_an_exploding_loss_is_warned_about_once_per_factor_and_named():
+    # The run (lr=10, grad_clip=0): 3.3 falling a little, then climbing to thousands.
+    losses = [3.3, 3.2, 3.1, 3.0, 2.9, 2.9, 3.5, 8, 30, 120, 500, 2000, 9284, 9000, 9100]
+    watch = DivergenceWatch("warn", factor=4.0)
+    notes = _feed(watch, losses)
+    assert notes and notes[0][0] == watch.diverged_at
+    step, first = notes[0]
+    # By hand, EMA with weight 0.1: 3.3, 3.29, 3.271, 3.2439, 3.20951 (the start, step 5), 3.179 (the lowest,
+    # step 6), 3.211, 3.690, 6.321 (< 4 x 3.179 = 12.7), then 17.69 at step 10.
+    assert step == 10 and "diverging at step 10" in first and "lower train.lr or set train.grad_clip" in first
+    assert "smoothed 17.69" in first and "above its start (3.21)" in first and "5.56x its lowest (3.179)" in first
+    # Repeated only each time the smoothed loss grows another 4x (65.9 < 4 x 17.69; 259.3 >= it), not every step.
+    assert [s for s, _ in notes] == [10, 12, 13]
+    stop = DivergenceWatch("stop", factor=4.0)
+    with pytest.raises(LossDiverged, match="diverging at step 10.*nothing was exported"):
+        _feed(stop, losses)
+    assert _feed(DivergenceWatch("off"), losses) == []
+
+
+def test_normal_training_and_noise_near_zero_never_warn():
+    gen = torch.Generator().manual_seed(0)
+    # A converging loss with 50% multiplicative noise, ending near zero (where ratios are large), and a loss
+    # that spikes 3x for a few steps: neither rises above where it started.
+    falling = [10 * math.exp(-s / 20) * (1 + 0.5 * float(torch.rand((), generator=gen))) for s in range(400)]
+    spiky = [5.0 - s * 0.01 for s in range(100)] + [12.0] * 3 + [4.0] * 50
+    for losses in (falling, spiky):
+        watch = DivergenceWatch("stop", factor=4.0)
+        assert _feed(watch, losses) == [] and watch.diverged_at is None
+    # Non-finite values are the NonFiniteGuard's, not this watch's.
+    assert DivergenceWatch("stop").check(1, math.nan) is None
 
 
 def test_a_run_whose_every_update_was_skipped_stays_refused_after_a_resume():

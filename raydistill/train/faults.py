@@ -5,7 +5,8 @@
   ``failure_message`` digs it out so the command prints that one line, not a worker traceback.
 - ``Interrupted``: the user stopped a command (SIGINT); exit status 130, the message says how to resume.
 - ``NonFiniteGuard``: the per-step check of the loss terms (on values the loop has already reduced, so it
-  adds no synchronisation), and of DeepSpeed's own skipped (overflowed) steps."""
+  adds no synchronisation), and of DeepSpeed's own skipped (overflowed) steps.
+- ``DivergenceWatch``: a finite loss that explodes gets a warning (or stops the run)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,53 @@ class NonFiniteGuard:
             raise NonFiniteLoss(
                 f"DeepSpeed skipped every one of the {updates} updates up to step {step} (gradient overflow): "
                 f"the student is still its starting point, so nothing was exported.{self.hint}")
+
+
+class LossDiverged(RunFailure):
+    pass
+
+
+class DivergenceWatch:
+    """Notices a finite loss that explodes (``train.lr=10 train.grad_clip=0``: 3.3 -> 9,284 with no word).
+
+    The rule is scale-free and ignores noise near zero: the total loss, smoothed (EMA, ``SMOOTHING`` per step),
+    has risen above its smoothed starting value *and* to ``factor`` times its lowest smoothed value. Normal
+    training never climbs back above where it started; a run that does has diverged. ``policy`` ``warn``
+    returns one note the first time (then again each time the loss grows another ``factor``); ``stop`` raises
+    ``LossDiverged``; ``off`` does nothing."""
+
+    SMOOTHING = 0.1
+    WARMUP = 5  # steps before the start value is fixed (the first steps' losses jump about)
+
+    def __init__(self, policy: str = "warn", factor: float = 4.0):
+        self.policy, self.factor = policy, factor
+        self.ema: float | None = None
+        self.start: float | None = None
+        self.lowest = math.inf
+        self.steps = 0
+        self.warned_at: float | None = None  # the smoothed loss at the last warning
+        self.diverged_at: int | None = None  # the first step the rule held
+
+    def check(self, step: int, loss: float | None) -> str | None:
+        if self.policy == "off" or loss is None or not math.isfinite(loss):
+            return None  # non-finite losses are NonFiniteGuard's
+        self.steps += 1
+        self.ema = loss if self.ema is None else (1 - self.SMOOTHING) * self.ema + self.SMOOTHING * loss
+        if self.steps == self.WARMUP:
+            self.start = self.ema
+        self.lowest = min(self.lowest, self.ema)
+        if self.start is None or not (self.ema > self.start and self.ema >= self.factor * self.lowest):
+            return None
+        if self.warned_at is not None and self.ema < self.factor * self.warned_at:
+            return None
+        self.warned_at = self.ema
+        self.diverged_at = self.diverged_at or step
+        what = (f"the loss is diverging at step {step}: smoothed {self.ema:.4g}, above its start ({self.start:.4g}) "
+                f"and {self.ema / self.lowest:.3g}x its lowest ({self.lowest:.4g})")
+        if self.policy == "stop":
+            raise LossDiverged(f"{what}. The run stopped there and nothing was exported (train.divergence=stop); "
+                               "lower train.lr or set train.grad_clip")
+        return f"warning: {what}; lower train.lr or set train.grad_clip (train.divergence=stop ends such runs)"
 
 
 def failure_message(error: BaseException) -> str | None:

@@ -34,7 +34,8 @@ from raydistill.models.loading import build_model, init_from_teacher, save_pretr
 from raydistill.objectives import build_objectives
 from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
-from raydistill.train.faults import NonFiniteGuard, NonFiniteLoss, RunFailure, nonfinite, write_failure
+from raydistill.train.faults import (DivergenceWatch, NonFiniteGuard, NonFiniteLoss, RunFailure, nonfinite,
+                                     write_failure)
 from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import RunPlan
 from raydistill.train.progress import ProgressPrinter
@@ -546,6 +547,7 @@ class Worker:
         start = self.resume()
         t = self.cfg.train
         guard = NonFiniteGuard(t.nonfinite)
+        watch = DivergenceWatch(t.divergence, t.divergence_factor)
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         for step in range(start + 1, t.max_steps + 1):
@@ -563,7 +565,8 @@ class Worker:
             try:
                 note = guard.check(step, logs, applied=self.engine.skipped_steps == skipped_before,
                                    checkpoint_step=self.checkpoint_step)
-            except NonFiniteLoss as e:
+                note = note or watch.check(step, logs.get("loss"))
+            except RunFailure as e:  # a non-finite loss, or a diverged one under train.divergence=stop
                 note, failure = None, e
             if note and self.is_main:
                 print(f"[raydistill] {note}", flush=True)
@@ -581,6 +584,8 @@ class Worker:
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps}
             if guard.skipped:
                 metrics["skipped_steps"] = guard.skipped
+            if watch.diverged_at:
+                metrics["diverged_at_step"] = watch.diverged_at
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
                 metrics.update(self.evaluate())
