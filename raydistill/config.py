@@ -152,6 +152,9 @@ def _resolve_paths(v: str | list[str] | None) -> list[str] | None:
     for pat in patterns:
         if not isinstance(pat, str) or not pat:
             raise ValueError(f"{pat!r} is not a path; allowed: a file path or glob, or a list of them")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", pat):  # s3://, gs://, ...: listed when the corpus is read
+            out.append(pat)
+            continue
         pat = os.path.expanduser(pat)
         hits = sorted(glob.glob(pat, recursive=True))
         if not hits:
@@ -175,6 +178,7 @@ class HubDataset(Strict):
     config: str | None = None
     split: str = "train"
     validation_split: str | None = None
+    streaming: bool = Field(False, description="stream the split shard by shard instead of downloading it whole")
 
 
 class DataSpec(Strict):
@@ -190,6 +194,12 @@ class DataSpec(Strict):
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     max_documents: int | None = Field(None, ge=1, description="cap the corpus (quick runs)")
     seed: int = 0
+    pipeline: Literal["auto", "local", "ray"] = Field(
+        "auto", description="where the corpus is tokenized and packed: 'local' (this process), 'ray' (a Ray Data "
+        "pipeline over the cluster's CPUs), 'auto' (ray above 64 MiB of input or for remote/streamed sources); "
+        "the blocks are the same either way")
+    cache_uri: str | None = Field(None, description="where packed shards are written (default CACHE_DIR/data); "
+                                  "s3://, gs:// or a shared path for multi-node clusters")
 
     @field_validator("path", "validation_path")
     @classmethod
