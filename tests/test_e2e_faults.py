@@ -109,7 +109,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> No
 def test_sigint_stops_train_workers_at_once_and_exits_130(tmp_path, cache_dir):
     run = tmp_path / "run"
     proc = cli("train", "sweeps/configs/debug.yaml", f"output_dir={run}", f"cache_dir={cache_dir}", "name=r", *TINY,
-               "train.max_steps=2000", "train.checkpoint_every=5")
+               "teacher.pretrain=null", "train.max_steps=2000", "train.checkpoint_every=5")
     wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 8, proc, 400, "step 8")
     start = time.time()
     proc.send_signal(signal.SIGINT)

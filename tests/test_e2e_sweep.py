@@ -58,21 +58,33 @@ def starts(trial_dir: Path) -> int:
     return sum(json.loads(ln)["event"] == "start" for ln in (trial_dir / "trial.jsonl").read_text().splitlines())
 
 
-def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cache_dir):
+def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cache_dir, s3_server):
     # Grid order is fixed and trials run one at a time. The first passes the first rung (nothing to compare
     # with); the second (lr ~ 0) is behind it and is stopped there; the third must still get its worker
     # (a stopped trial that kept its resources would block it) and, learning fastest, finishes.
+    # The sweep's storage is S3 (moto's server in this process): Tune's state, checkpoints and raydistill's
+    # results, best config, best student and each trial's metrics and TensorBoard events all go there.
+    import pyarrow.fs as pafs
+
+    from raydistill.sweep import results as R
+
+    storage = f"s3://bucket/sweeps?{s3_server}"
     path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-4, 1e-9, 3e-3]}},
                       scheduler={"kind": "asha", "grace_period": 4, "reduction_factor": 3},
-                      metric="val/loss", mode="min", eval={"tasks": None},
+                      metric="val/loss", mode="min", eval={"tasks": None}, storage_path=storage,
                       callbacks={"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "asha"}})
     out = finish(cli("sweep", str(path)))
-    frame = pd.read_csv(tmp_path / "sweeps" / "s" / "results.csv")
+    directory = R.uri_join(storage, "s")
+    frame = R.read_table(directory)
     status = dict(zip(frame["config/train.lr"], frame["status"]))
     assert status == {3e-4: "finished", 1e-9: "stopped", 3e-3: "finished"}, (frame.to_dict("records"), out[-3000:])
     assert frame.loc[frame["status"] == "stopped", "step"].item() < 12
     free = re.search(r"cluster after the sweep: (\S+) of (\S+) CPUs free", out)
     assert free and free.group(1) == free.group(2), out[-2000:]  # nothing stays reserved
+    s3, root = pafs.FileSystem.from_uri(directory)
+    stored = {info.path[len(root) + 1:] for info in s3.get_file_info(pafs.FileSelector(root, recursive=True))}
+    assert {"results.parquet", "results.csv", "best_config.yaml", "best_student/config.json"} <= stored, sorted(stored)
+    assert not (tmp_path / "sweeps").exists()  # nothing of the sweep's outputs landed on the local disk
     # Trackers: Tune's MLflow logger made one run per trial with its swept value and reported metrics; each
     # trial also has TensorBoard events per logged step (tensorboard/) and Tune's own per report.
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -86,9 +98,13 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
     assert {r.info.status for r in runs} == {"FINISHED"}
     best = min(runs, key=lambda r: r.data.metrics["val/loss"])
     assert float(best.data.params["train.lr"]) == frame.loc[frame["val/loss"].idxmin(), "config/train.lr"]
-    for trial_dir in (tmp_path / "sweeps" / "s").glob("trial_*"):
-        assert list((trial_dir / "tensorboard").glob("events.out.tfevents.*")), trial_dir
-        assert list(trial_dir.glob("events.out.tfevents.*")), trial_dir
+    trials = {p.split("/")[0] for p in stored if p.startswith("trial_")}
+    assert len(trials) == 3, sorted(stored)
+    for trial in trials:
+        mine = [p for p in stored if p.startswith(trial + "/")]
+        assert f"{trial}/metrics.jsonl" in mine, mine
+        assert any(p.startswith(f"{trial}/tensorboard/events.out.tfevents.") for p in mine), mine
+        assert any(p.startswith(f"{trial}/events.out.tfevents.") for p in mine), mine
 
 
 def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cache_dir):
