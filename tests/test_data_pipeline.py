@@ -116,3 +116,189 @@ def test_batches_are_identical_to_the_in_memory_pipeline(cases, name):
     tmp, overrides = cases
     plan = prepare(config(tmp, overrides[name]))
     assert batches_digest(plan.fetch_blocks(), plan.token_info, plan.cfg.train.seed) == TODAY[name]
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+def _whole_file_docs(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_pieces_of_a_file_read_the_documents_of_the_whole_file(tmp_path, monkeypatch):
+    """Text and jsonl files cut into byte ranges (lines belong to the piece they start in), parquet into row
+    groups: the pieces' documents in turn are the whole file's, whatever the cut points."""
+    import pandas as pd
+
+    from raydistill.config import DataSpec
+    from raydistill.data import sources
+    from raydistill.data.corpus import load_corpus
+
+    lines = ["short", "", "  padded  ", "é unicode ünïcödé €", "x" * 200, "\r", "crlf line", "", "last"]
+    text = "\r\n".join(lines[:6]) + "\n" + "\n".join(lines[6:]) + "\n\n"
+    (tmp_path / "a.txt").write_text(text)
+    rows = [{"text": f"row {i} " + "é" * (i % 5)} for i in range(40)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" + ("\n" if i % 7 == 0 else "") for i, r in
+                                              enumerate(rows)))
+    pd.DataFrame({"text": [f"pq {i}" if i % 4 else None for i in range(25)]}).to_parquet(
+        tmp_path / "c.parquet", row_group_size=4)
+    spec = DataSpec(path=[str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")],
+                    validation_path=str(tmp_path / "a.txt"))
+    expected = (_whole_file_docs(tmp_path / "a.txt") + [r["text"] for r in rows]
+                + [f"pq {i}" for i in range(25) if i % 4])
+    whole = load_corpus(spec)
+    assert whole[0] == expected
+    for size in (1, 3, 16, 37, 1000):
+        monkeypatch.setattr(sources, "PIECE_BYTES", size)
+        pieces = sources.list_pieces(spec)
+        assert len(pieces) > 9 if size < 100 else True
+        assert [d for p in pieces if p.role == "main" for d in sources.read_piece(p)] == expected, size
+        assert load_corpus(spec) == whole
+
+
+def test_errors_in_later_pieces_name_the_file_line_and_offset(tmp_path, monkeypatch):
+    from raydistill.config import DataSpec
+    from raydistill.data import sources
+    from raydistill.data.corpus import load_corpus
+    from raydistill.errors import ConfigError
+
+    monkeypatch.setattr(sources, "PIECE_BYTES", 20)
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(6)) + "{oops\n")
+    with pytest.raises(ConfigError, match=r"data\.path: .*bad\.jsonl:7: not valid JSON"):
+        load_corpus(DataSpec(path=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "bin.txt").write_bytes(b"fine text line\n" * 4 + b"\xff\xfe binary\n")
+    with pytest.raises(ConfigError, match=r"bin\.txt' is not UTF-8 text \(byte 0xff at offset 60"):
+        load_corpus(DataSpec(path=str(tmp_path / "bin.txt")))
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def _sharded(tmp: Path, streams: list[list[int]], block_size: int, encoder: bool):
+    from raydistill.data.shards import ShardedBlocks, write_array
+
+    paths = []
+    for i, s in enumerate(streams):
+        if s:
+            write_array(str(tmp / f"s{i}.npy"), np.asarray(s, dtype=np.uint16))
+            paths.append(f"s{i}.npy")
+    return ShardedBlocks(root=str(tmp), split="train", shards=paths, tokens=[len(s) for s in streams if s],
+                         block_size=block_size, is_encoder=encoder, pad_id=0, cls_id=1 if encoder else None,
+                         sep_id=2 if encoder else None, key="k")
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+def test_sharded_blocks_are_the_packed_blocks(tmp_path, encoder):
+    """Blocks read from a split's token shards (cut anywhere, some empty) equal ``pack`` over its documents."""
+    import pickle
+
+    from raydistill.data.blocks import pack
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(10, 500, rng.integers(1, 40)).tolist() for _ in range(60)]
+    sep = 2 if encoder else 3
+    stream = [t for d in docs for t in (*d, sep)]
+    cuts = sorted(rng.choice(len(stream), 6, replace=False).tolist())
+    parts = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    parts.insert(3, [])  # a piece without tokens of this split
+    for block_size in (8, 13, 64):
+        kw = dict(pad_id=0, bos_id=None, eos_id=None, sep_id=2, cls_id=1) if encoder else \
+            dict(pad_id=0, bos_id=None, eos_id=3)
+        want = pack(docs, block_size, **kw)
+        got = _sharded(tmp_path, parts, block_size, encoder)
+        assert len(got) == len(want)
+        idx = rng.permutation(len(want))
+        ids, lengths = got.take(idx)
+        assert np.array_equal(ids, want.ids[idx]) and np.array_equal(lengths, want.lengths[idx])
+        assert ids.dtype == np.int32 and lengths.dtype == np.int32
+        assert np.array_equal(got.ids[idx[:5]], want.ids[idx[:5]]) and got.lengths[-1] == want.lengths[-1]
+        assert np.array_equal(got.ids[2:5], want.ids[2:5])
+        full = got.materialize()
+        assert np.array_equal(full.ids, want.ids) and np.array_equal(full.lengths, want.lengths)
+        again = pickle.loads(pickle.dumps(got))
+        assert len(pickle.dumps(got)) < 2000 and not again._maps
+        assert np.array_equal(again.take(idx)[0], want.ids[idx])
+
+
+def test_the_driver_hands_out_descriptions_and_reuses_the_cache(tmp_path, monkeypatch):
+    """prepare's blocks pickle to a few KB (the object store carries no corpus); a second prepare reads no
+    document (the manifest is found by content hash), and another block size shares the same shards."""
+    import pickle
+
+    from raydistill.data import sources
+    from raydistill.data.shards import ShardedBlocks
+    from raydistill.train.plan import prepare
+
+    overrides = case_overrides(tmp_path)["files-gpt2"]
+    first = prepare(config(tmp_path, overrides))
+    train, val = first.fetch_blocks()
+    assert isinstance(train, ShardedBlocks) and len(pickle.dumps(first.blocks)) < 4000
+
+    def no_reading(piece):
+        raise AssertionError(f"read {piece} although the corpus is cached")
+
+    monkeypatch.setattr(sources, "read_piece", no_reading)
+    again = prepare(config(tmp_path, overrides))
+    assert again.blocks[0].root == train.root and again.blocks[0].shards == train.shards
+    wider = prepare(config(tmp_path, overrides, "data.block_size=48"))
+    assert wider.blocks[0].root == train.root and len(wider.blocks[0]) < len(train)
+    assert wider.blocks[0].take([0])[0].shape == (1, 48)
+
+
+def test_progress_lines_show_pieces_bytes_tokens_and_rate():
+    import io
+
+    from raydistill.data.pipeline import Progress
+
+    out = io.StringIO()
+    p = Progress("tokenize", 4, 8_000_000, out, every_s=0.0)
+    p.update({"bytes": 2_000_000, "train_tokens": 400_000, "val_tokens": 100_000, "docs": 10, "node": "a"})
+    line = out.getvalue()
+    assert "tokenize 1/4 pieces" in line and "2.0/8.0 MB" in line and "0.50M tokens" in line and "ETA" in line
+    quiet = io.StringIO()
+    q = Progress("count", 1, 10, quiet)  # a stage that ends within every_s prints nothing (small corpora)
+    q.update({"bytes": 10, "docs": 3})
+    assert quiet.getvalue() == ""
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def test_corpus_and_shards_on_object_storage(tmp_path, s3_server, monkeypatch):
+    """Corpus files read from s3:// (a glob), shards written to s3:// (data.cache_uri) and downloaded once per
+    node on first use: the same batches as the local files."""
+    import pyarrow.fs as pafs
+
+    from raydistill.data.shards import ShardedBlocks
+    from raydistill.train.plan import prepare
+
+    overrides = case_overrides(tmp_path)["files-gpt2"]
+    fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{s3_server}")
+    for name in ("a.txt", "b.jsonl"):
+        with fs.open_output_stream(f"bucket/corpus/{name}") as f:
+            f.write((tmp_path / "files" / name).read_bytes())
+    monkeypatch.setenv("RAYDISTILL_CACHE", str(tmp_path / "node-cache"))
+    remote = [o for o in overrides if not o.startswith("data.path=")] + [
+        f"data.path=s3://bucket/corpus/*?{s3_server}",  # a.txt, b.jsonl: the local case's order
+        f"data.cache_uri=s3://bucket/shards?{s3_server}", "data.pipeline=local"]
+    plan = prepare(config(tmp_path, remote))
+    blocks = plan.fetch_blocks()
+    assert isinstance(blocks[0], ShardedBlocks) and blocks[0].root.startswith("s3://bucket/shards/corpus-")
+    assert batches_digest(blocks, plan.token_info, plan.cfg.train.seed) == TODAY["files-gpt2"]
+    assert list((tmp_path / "node-cache" / "data-remote").rglob("*.npy"))  # downloaded to this node's cache
+
+
+def test_hub_datasets_downloaded_or_streamed(tmp_path):
+    """A hub dataset (here a local folder, offline) read whole or streamed shard by shard: the same blocks."""
+    import pandas as pd
+
+    from raydistill.train.plan import prepare
+
+    hub = tmp_path / "hubset"
+    hub.mkdir()
+    docs = generate_documents(200, seed=5)
+    pd.DataFrame({"text": docs[:100]}).to_parquet(hub / "train-00000-of-00002.parquet", row_group_size=16)
+    pd.DataFrame({"text": docs[100:180] + ["   "]}).to_parquet(hub / "train-00001-of-00002.parquet")
+    pd.DataFrame({"text": docs[180:]}).to_parquet(hub / "validation-00000-of-00001.parquet")
+    base = ["teacher.name=tiny-gpt2", f"data.hub.name={hub}", "data.hub.validation_split=validation",
+            "data.pipeline=local"]
+    whole = prepare(config(tmp_path, base))
+    streamed = prepare(config(tmp_path, base + ["data.hub.streaming=true"]))
+    assert whole.blocks[0].root != streamed.blocks[0].root  # streaming is part of the key
+    assert batches_digest(whole.fetch_blocks(), whole.token_info, 0) == \
+        batches_digest(streamed.fetch_blocks(), streamed.token_info, 0)
+    assert len(streamed.blocks[0].shards) == 2  # one piece per streamed shard

@@ -1,10 +1,13 @@
 """Packing token streams into fixed-length blocks, and deterministic batches for each worker.
 
 Batches are a pure function of (seed, step, micro-step, rank): a resumed run sees exactly the batches an
-uninterrupted run would have seen, and workers never overlap."""
+uninterrupted run would have seen, and workers never overlap. The blocks are either in memory (``Blocks``)
+or read at random from token shards on storage (``shards.ShardedBlocks``, what ``prepare`` hands out); a
+sampler over shards reads the next micro-step's rows in a background thread while the current one trains."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,10 @@ class Blocks:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths) of the rows ``idx``."""
+        return self.ids[idx], self.lengths[idx]
 
 
 def pack(docs: list[list[int]], block_size: int, *, pad_id: int, bos_id: int | None, eos_id: int | None,
@@ -76,6 +83,10 @@ class BatchSampler:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mlm_probability = mlm_probability
         self._perms: dict[int, np.ndarray] = {}
+        # Blocks read from storage: the next micro-step's rows are read while this one trains.
+        self._prefetch = not isinstance(blocks, Blocks) and hasattr(blocks, "take")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[np.ndarray, Future] | None = None
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -101,14 +112,33 @@ class BatchSampler:
 
     def batch(self, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         positions = self.stream_positions(step, micro)
-        return self.make_batch(self.indices(step, micro), [[self.seed, step, int(p)] for p in positions], positions)
+        out = self.make_batch(self.indices(step, micro), [[self.seed, step, int(p)] for p in positions], positions)
+        if self._prefetch:
+            following = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+            idx = self.indices(*following)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+            self._pending = (idx, self._pool.submit(self.blocks.take, idx))
+        return out
+
+    def _rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks' rows: the prefetched ones when they are the rows asked for (they are the same values
+        either way: reading is a pure function of the indices)."""
+        pending = self._pending
+        if pending is not None and np.array_equal(pending[0], idx):
+            self._pending = None
+            return pending[1].result()
+        if hasattr(self.blocks, "take"):
+            return self.blocks.take(idx)
+        return self.blocks.ids[idx], self.blocks.lengths[idx]
 
     def make_batch(self, idx: np.ndarray, row_seeds: list[list[int]], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows ``idx`` with their targets. Each row's MLM masking is drawn from its own seed, and
         ``sample_ids`` (the rows' stream positions) travel with the batch for objectives that key per-example
         randomness on them: a sequence is masked the same way whichever micro-batch or worker it lands in."""
-        ids = torch.from_numpy(self.blocks.ids[idx].astype(np.int64))
-        lengths = torch.from_numpy(self.blocks.lengths[idx].astype(np.int64))
+        rows, row_lengths = self._rows(np.asarray(idx))
+        ids = torch.from_numpy(rows.astype(np.int64))
+        lengths = torch.from_numpy(row_lengths.astype(np.int64))
         attention = (torch.arange(ids.size(1))[None, :] < lengths[:, None]).long()
         out = {"sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64))}
         special = torch.isin(ids, torch.tensor(self.info.special_ids)) | ~attention.bool()

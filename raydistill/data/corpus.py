@@ -1,4 +1,6 @@
-"""Text corpora: the built-in generator, local files (txt, jsonl, csv, parquet; globs) or a hub dataset."""
+"""Text corpora: the built-in generator, local files (txt, jsonl, csv, parquet; globs), files on s3/gs or a
+hub dataset, as lists of documents (for corpora that fit in memory; training reads them piece by piece
+through ``pipeline.Corpus``, with the same readers and the same held-out split)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from raydistill.config import DataSpec
+from raydistill.data.sources import ALLOWED_FILES, TEXT_SUFFIXES  # noqa: F401 - re-exported
 from raydistill.errors import ConfigError
-
-TEXT_SUFFIXES = {".txt", ".tokens", ".raw", ".text", ""}
 
 
 def read_jsonl(path: Path, where: str = "data.path") -> list[tuple[int, dict]]:
@@ -28,9 +29,6 @@ def read_jsonl(path: Path, where: str = "data.path") -> list[tuple[int, dict]]:
             raise ConfigError(f"{where}: {path}:{n}: expected a JSON object, got {type(row).__name__}")
         rows.append((n, row))
     return rows
-
-
-ALLOWED_FILES = "UTF-8 text (.txt, .tokens, .raw, .text or no suffix), .jsonl, .csv, .parquet"
 
 
 def read_text(path: str | Path, where: str) -> str:
@@ -53,52 +51,6 @@ def read_text(path: str | Path, where: str) -> str:
     return text
 
 
-def _read_file(path: str, field: str, where: str = "data.path") -> list[str]:
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix in TEXT_SUFFIXES or p.is_dir():
-        # One document per non-empty line (WikiText's paragraphs; headings are short lines, kept as text).
-        return [line.strip() for line in read_text(p, where).splitlines() if line.strip()]
-    if suffix == ".jsonl":
-        out = []
-        for n, row in read_jsonl(p, where):
-            if field not in row:
-                raise ConfigError(f"{where.rsplit('.', 1)[0]}.text_field: {path}:{n} has no field {field!r}; allowed: "
-                                  f"a field every row has, found {sorted(row)}")
-            out.append(str(row[field]))
-        return out
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
-        except Exception as e:  # noqa: BLE001 - pandas/pyarrow parse errors: the file is the user's to fix
-            text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{where}: {str(p)!r} is not a readable {suffix} file ({text}); allowed: "
-                              f"{ALLOWED_FILES}") from None
-        if field not in frame.columns:
-            raise ConfigError(f"{where.rsplit('.', 1)[0]}.text_field: {path} has no column {field!r}; allowed: one of "
-                              f"{list(frame.columns)}")
-        return [str(t) for t in frame[field].dropna()]
-    raise ConfigError(f"{where}: {str(p)!r} has an unsupported file type {suffix!r}; allowed: {ALLOWED_FILES}")
-
-
-def _read_files(paths: list[str], field: str, where: str = "data.path") -> list[str]:
-    return [doc for path in paths for doc in _read_file(path, field, where)]
-
-
-def _hub(spec: DataSpec, split: str) -> list[str]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(spec.hub.name, spec.hub.config, split=split)
-    except Exception as e:  # network, missing dataset or split: the user's to fix
-        raise ConfigError(f"data.hub: cannot load {spec.hub.name!r} split {split!r}: {e}") from None
-    if spec.text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field {spec.text_field!r} not in {spec.hub.name} columns {ds.column_names}")
-    return [t for t in ds[spec.text_field] if t and t.strip()]
-
-
 def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a deterministic random ``fraction`` (at least one item) held out."""
     order = np.random.default_rng(seed).permutation(len(items))
@@ -107,23 +59,11 @@ def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def load_corpus(spec: DataSpec, where: str = "data") -> tuple[list[str], list[str]]:
-    """(train documents, validation documents); ``where`` names the section in errors."""
-    if spec.source == "builtin":
-        from raydistill.data.synthetic import generate_documents
+    """(train documents, validation documents), read in this process; ``where`` names the section in errors."""
+    from raydistill.data.pipeline import Corpus
 
-        docs = generate_documents(spec.builtin.num_documents, seed=spec.builtin.seed)
-        val = None
-    elif spec.source == "files":
-        docs = _read_files(spec.path, spec.text_field, f"{where}.path")
-        val = (_read_files(spec.validation_path, spec.text_field, f"{where}.validation_path")
-               if spec.validation_path else None)
-    else:
-        docs = _hub(spec, spec.hub.split)
-        val = _hub(spec, spec.hub.validation_split) if spec.hub.validation_split else None
-    if spec.max_documents:
-        docs = docs[:spec.max_documents]
-    if val is None:
-        docs, val = hold_out(docs, spec.validation_fraction, spec.seed)
+    corpus = Corpus(spec, where, mode="local")
+    docs = list(corpus.train_documents())
     if not docs:
         raise ConfigError(f"{where}: the corpus is empty")
-    return docs, val
+    return docs, list(corpus.validation_documents())

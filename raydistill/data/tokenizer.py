@@ -60,9 +60,11 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
     return tok
 
 
-def cached_tokenizer(cache_root: str | Path, key: dict, texts: list[str], kind: str,
+def cached_tokenizer(cache_root: str | Path, key: dict, texts: Iterable[str], kind: str,
                      vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train once per (corpus, kind, size); later runs (and sweep trials) load the cached copy."""
+    """Train once per (corpus, kind, size); later runs (and sweep trials) load the cached copy. ``texts`` is
+    iterated once, only when training (an iterable that reads the corpus piece by piece keeps it out of
+    memory: the trainer keeps word counts, not documents)."""
     digest = hashlib.sha256(json.dumps({**key, "kind": kind, "vocab": vocab_size}, sort_keys=True).encode())
     target = Path(cache_root) / "tokenizers" / digest.hexdigest()[:16]
     if not (target / "tokenizer.json").is_file():

@@ -9,14 +9,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from raydistill.config import PRESETS, ExperimentConfig, ModelSpec, PromptDataSpec, PromptsSpec, RougeSpec
 from raydistill.data.blocks import Blocks, TokenInfo
-from raydistill.data.corpus import load_corpus
-from raydistill.data.pipeline import data_key, packed_corpus, token_info
+from raydistill.data.pipeline import Corpus, DataSession, data_key, data_session, packed_corpus, token_info
+from raydistill.data.shards import ShardedBlocks
 from raydistill.data.prompts import PromptSet, Sequences, build_sequences, load_prompt_examples, tokenize_prompts
 from raydistill.data.tokenizer import cached_tokenizer, load_tokenizer
 from raydistill.errors import ConfigError
@@ -45,10 +45,10 @@ class PromptPlan:
 
 @dataclass
 class StreamPlan:
-    """An extra data stream: its corpus blocks and objectives."""
+    """An extra data stream: its corpus blocks (descriptions of shards on storage) and objectives."""
 
     objectives: dict[str, ObjectiveSettings]
-    blocks: tuple[Blocks, Blocks]
+    blocks: tuple[Blocks | ShardedBlocks, Blocks | ShardedBlocks]
     batch_size: int
     mlm_probability: float
 
@@ -78,14 +78,16 @@ class RunPlan:
     block_paths: tuple[str | None, str | None]
     output_dir: str
     export_dir: str
-    blocks: tuple[Blocks, Blocks] | None = None
-    blocks_ref: Any = None  # a Ray ObjectRef once the driver has put the data in the object store
+    # The packed corpus: ShardedBlocks describe token shards on storage (a few KB however large the corpus);
+    # each worker opens them as memory maps. In-memory Blocks work too.
+    blocks: tuple[Blocks | ShardedBlocks, Blocks | ShardedBlocks] | None = None
+    blocks_ref: Any = None  # a Ray ObjectRef once the driver has put the blocks in the object store
     notes: list[str] = field(default_factory=list)
     prompts: PromptPlan | None = None  # None: the main objectives train on the corpus blocks (regime a)
     streams: dict[str, StreamPlan] = field(default_factory=dict)
     rouge: RougePlan | None = None
 
-    def fetch_blocks(self) -> tuple[Blocks, Blocks]:
+    def fetch_blocks(self) -> tuple[Blocks | ShardedBlocks, Blocks | ShardedBlocks]:
         if self.blocks is not None:
             return self.blocks
         import ray
@@ -107,7 +109,9 @@ def _encoder_kind(cfg: ExperimentConfig) -> bool:
             from None
 
 
-def resolve_tokenizer(cfg: ExperimentConfig, train_docs: list[str], encoder: bool) -> PreTrainedTokenizerBase:
+def resolve_tokenizer(cfg: ExperimentConfig, train_docs: Iterable[str], encoder: bool) -> PreTrainedTokenizerBase:
+    """The named tokenizer, the models', or one trained on ``train_docs`` (iterated only when it is not cached
+    yet: a corpus's documents are read piece by piece, never held)."""
     if cfg.tokenizer.name:
         return load_tokenizer(cfg.tokenizer.name)
     for spec in (cfg.teacher, cfg.student):
@@ -133,15 +137,29 @@ def pretrained_teacher_dir(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase) 
     return Path(cfg.cache_dir) / "teachers" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _start_ray_for_data(cfg: ExperimentConfig) -> None:
+    """Connect to the config's cluster (or start a local one) for the corpus pipeline; no dashboard. The data
+    session shuts it down again once the corpora are packed, so training starts Ray as it always has."""
+    from raydistill.train.launcher import init_ray
+
+    init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"dashboard": False})}))
+
+
 def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
-    """Resolve and validate everything for a run; no Ray. The checks that need no corpus come first."""
+    """Resolve and validate everything for a run. The checks that need no corpus come first. Ray is used only
+    to prepare a corpus too large for this process (data.pipeline), and only until it is packed."""
+    with data_session(lambda: _start_ray_for_data(cfg)) as session:
+        return _prepare(cfg, mode, session)
+
+
+def _prepare(cfg: ExperimentConfig, mode: Mode, session: DataSession) -> RunPlan:
     from raydistill.train.preflight import check_before_ray
 
     check_before_ray(cfg, mode)
     encoder = _encoder_kind(cfg)
-    docs = load_corpus(cfg.data)
-    tok = resolve_tokenizer(cfg, docs[0], encoder)
-    blocks = packed_corpus(cfg.data, docs, tok, encoder, cfg.cache_dir)
+    corpus = Corpus(cfg.data, "data", session)
+    tok = resolve_tokenizer(cfg, corpus.train_documents(), encoder)
+    blocks = packed_corpus(cfg.data, corpus, tok, encoder, cfg.cache_dir)
     if len(blocks[0]) == 0 or len(blocks[1]) == 0:
         raise ConfigError("data: the corpus produced no training or validation blocks")
     out = Path(cfg.output_dir).expanduser().resolve()
@@ -188,7 +206,7 @@ def prepare(cfg: ExperimentConfig, mode: Mode = "distill") -> RunPlan:
         build_objectives(settings, info)
         data = stream.data or cfg.data
         stream_blocks = blocks if stream.data is None else packed_corpus(
-            data, load_corpus(data, f"streams.{name}.data"), tok, encoder, cfg.cache_dir)
+            data, Corpus(data, f"streams.{name}.data", session), tok, encoder, cfg.cache_dir)
         if len(stream_blocks[0]) == 0 or len(stream_blocks[1]) == 0:
             raise ConfigError(f"streams.{name}.data: the corpus produced no training or validation blocks")
         streams[name] = StreamPlan(settings, stream_blocks, stream.batch_size or cfg.train.batch_size,
