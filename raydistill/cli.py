@@ -88,6 +88,8 @@ def sweep(sweep_file: Optional[str] = typer.Argument(None, help="sweep YAML (see
           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)")):
     """Run a Ray Tune sweep: every trial distils a student on Ray Train + DeepSpeed and is scored on the
     benchmarks; ends with the leaderboard, results table, best config and best student."""
+    from raydistill.monitoring.board import PREPARING
+    from raydistill.monitoring.terminal import Display
     from raydistill.sweep.results import load_saved_sweep
     from raydistill.sweep.runner import run_sweep
     from raydistill.sweep.spec import load_sweep
@@ -100,14 +102,14 @@ def sweep(sweep_file: Optional[str] = typer.Argument(None, help="sweep YAML (see
         if sweep_file is not None:
             raise typer.BadParameter("give either SWEEP_FILE or --resume PATH, not both")
         sweep = load_saved_sweep(resume, extra)
-        check_sweep_before_ray(sweep)
-        run_sweep(sweep, resume_path=resume)
-        return
-    if sweep_file is None:
+    elif sweep_file is None:
         raise typer.BadParameter("give a sweep file, or --resume PATH")
-    sweep = load_sweep(sweep_file, extra)
-    check_sweep_before_ray(sweep)
-    run_sweep(sweep)
+    else:
+        sweep = load_sweep(sweep_file, extra)
+    with Display(sweep.base_config().monitoring.progress) as display:
+        with display.phase(PREPARING):  # the base config's corpus, tokenizer and packed blocks (then cached)
+            check_sweep_before_ray(sweep)
+        run_sweep(sweep, resume_path=resume, display=display)
 
 
 @app.command()
@@ -144,6 +146,22 @@ def report(path: str = typer.Argument(..., help="sweep directory (STORAGE_PATH/N
     out = build_report(path, output=output, metric=metric, mode=mode)
     typer.echo(f"[raydistill] report of {out['trials']} trials in {out['seconds']:.1f} s: {out['html']} "
                f"(self-contained), {out['markdown']} (+ {len(out['figures'])} figures)")
+
+
+@app.command()
+def dashboard(directory: Optional[str] = typer.Option(None, "--dir", help="Grafana dashboards folder to write to "
+                                                        "(default: the one Ray's Grafana configuration of the latest "
+                                                        "Ray session on this machine reads)"),
+              print_json: bool = typer.Option(False, "--print", help="print the dashboard JSON instead (to import "
+                                              "into any Grafana)")):
+    """Install raydistill's Grafana dashboard where Ray's Grafana integration picks it up, and say how to see it
+    (Prometheus and Grafana as Ray documents them). Run it on the cluster's head node."""
+    from raydistill.monitoring import grafana
+
+    if print_json:
+        typer.echo(grafana.dashboard_json(), nl=False)
+        return
+    typer.echo(grafana.next_steps(grafana.install(directory)))
 
 
 def _register_eval() -> None:

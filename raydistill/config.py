@@ -454,6 +454,18 @@ class RaySpec(Strict):
     log_to_driver: bool = True
 
 
+class MonitoringSpec(Strict):
+    """What a run shows while it runs: Prometheus series through Ray's metrics agent, terminal progress."""
+
+    metrics: bool = Field(True, description="export training and sweep metrics as Prometheus series "
+                          "(ray_raydistill_*, through ray.util.metrics)")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one worker's device, for MFU; default: "
+                                     "the data-sheet peak of known GPUs at train.precision (none on CPU)")
+    progress: Literal["auto", "live", "plain"] = Field(
+        "auto", description="terminal progress: live (updates in place), plain (appended lines), auto (live "
+        "when the output is a terminal)")
+
+
 # ----------------------------------------------------------------------------------------------- objectives
 def _objectives_model() -> type[BaseModel]:
     """One optional field per registered objective, so unknown names and settings are schema errors."""
@@ -508,6 +520,7 @@ class ExperimentConfig(Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @field_validator("name")
     @classmethod

@@ -7,11 +7,16 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from raydistill.errors import ConfigError
 from raydistill.fsutil import write_text_atomic
+from raydistill.monitoring import board as phases
+from raydistill.monitoring.board import Monitor
+from raydistill.monitoring.metrics import SweepMetrics
+from raydistill.monitoring.terminal import Display, describe
 from raydistill.sweep import results as R
 from raydistill.sweep import teacher as teacher_bench
 from raydistill.sweep.spec import Sweep
@@ -78,12 +83,21 @@ class _QuietTuneInterrupt(logging.Filter):
 
 
 class SweepMonitor(_TuneCallback):
-    """Keeps the results table current and prints a live table of trials (status, step, main metric)."""
+    """Keeps the results table current and shows the table of trials (status, phase, step, main metric): in
+    place in a terminal (the display redraws it with each trial's phase from the progress board), else
+    printed when a trial starts or ends and every ``status_every_s`` seconds. Exports the sweep's series."""
 
-    def __init__(self, sweep: Sweep, directory: str):
+    def __init__(self, sweep: Sweep, directory: str, display: Display | None = None):
         self.sweep, self.directory = sweep, directory
+        self.display = display
         self._last_print = 0.0
         self._last_table = ""
+        self._rows: list[dict[str, Any]] = []
+        metrics = sweep.base_config().monitoring.metrics
+        self.series = SweepMetrics(sweep.spec.name, sweep.spec.metric, sweep.spec.mode, enabled=metrics)
+        if display is not None and display.live_mode:
+            display.table = self.table
+            display.table_keys = lambda: {str(r["trial"]) for r in self._rows}
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         """Chain raydistill's interrupt bookkeeping before Tune's SIGINT handler (installed just before this)."""
@@ -108,26 +122,42 @@ class SweepMonitor(_TuneCallback):
         if not INTERRUPT.event.is_set():
             INTERRUPT.ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         rows = sweep_rows(self.sweep, trials)
+        self._rows = rows
+        self.series.update(rows)
         # Object storage (s3://, gs://, file://) gets the table when a trial changes state, not on every result.
         if self.sweep.is_local or force_print:
             R.write_table(self.directory, rows)
+        if self.display is not None and self.display.live_mode:
+            return  # the display redraws the table in place
         now = time.monotonic()
         if force_print or now - self._last_print >= self.sweep.spec.status_every_s:
             self._print(rows)
             self._last_print = now
 
-    def _print(self, rows: list[dict[str, Any]]) -> None:
+    def table(self, snapshot: dict[str, dict[str, Any]] | None = None) -> str:
+        """The trial table as text, with each running trial's phase from the progress board."""
         import pandas as pd
 
+        rows = self._rows
         if not rows:
-            return
-        frame = pd.DataFrame(rows)
+            return "[raydistill] trials: waiting for the first trial"
+        if snapshot is None:
+            snapshot = self.display.snapshot() if self.display is not None else {}
+        now = time.time()
+        shown = [{**r, "phase": describe(snapshot[str(r["trial"])], now)
+                  if r["status"] == "running" and str(r["trial"]) in snapshot else ""} for r in rows]
+        frame = pd.DataFrame(shown)
         metric = self.sweep.spec.metric
-        cols = ["trial", "status", "step"] + [c for c in frame.columns if c.startswith("config/")]
+        cols = ["trial", "status", "phase", "step"] + [c for c in frame.columns if c.startswith("config/")]
         cols += [c for c in (metric, "loss") if c in frame.columns and c not in cols]
         counts = frame["status"].value_counts().to_dict()
         title = "[raydistill] trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        table = R.render(frame, [c for c in cols if c in frame.columns], title=title)
+        return R.render(frame, [c for c in cols if c in frame.columns], title=title)
+
+    def _print(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        table = self.table()
         if table != self._last_table:
             print(table, flush=True)
             self._last_table = table
@@ -285,24 +315,30 @@ def _grid_space(sweep: Sweep) -> dict:
     return {d.path: tune.grid_search(list(d.names)) for d in sweep.dims}
 
 
-def run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; return where its outputs are and the best trial.
+def run_sweep(sweep: Sweep, resume_path: str | None = None, display: Display | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; return where its outputs are and the best trial. ``display``: the command's
+    progress display (default: one of its own, as ``monitoring.progress`` of the base config says).
 
     SIGINT: no new trial starts, running trials stop, the table marks them "interrupted" and ``Interrupted``
     (exit status 130) says how to resume."""
+    if display is None:
+        with Display(sweep.base_config().monitoring.progress) as display:
+            return run_sweep(sweep, resume_path, display)
     import ray
 
     from raydistill.train.launcher import _shutdown
 
     owned = not ray.is_initialized()
     try:
-        return _run_sweep(sweep, resume_path)
+        return _run_sweep(sweep, resume_path, display)
     except KeyboardInterrupt:  # before Tune started, or a second Ctrl-C while it wound down
+        display.close()  # no poll of the board while Ray shuts down
         _shutdown(owned)
         started = sweep.is_local and (Path(sweep.dir) / "tuner.pkl").exists()
         raise Interrupted("interrupted; " + (f"resume with: raydistill sweep --resume {sweep.dir}" if started else
                                              "no trial had started: rerun the same command")) from None
     except Interrupted:
+        display.close()
         _shutdown(owned)  # Ray's buffered log lines before the message, not after it
         raise
 
@@ -318,9 +354,10 @@ def _check_cluster(sweep: Sweep, timeout_s: float) -> None:
                         what="each trial")
 
 
-def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
+def _run_sweep(sweep: Sweep, resume_path: str | None, display: Display) -> dict[str, Any]:
     from ray import tune
 
+    from raydistill.monitoring.board import start_board
     from raydistill.train import cluster
     from raydistill.train.launcher import init_ray, joined_existing_cluster, with_teacher
     from raydistill.train.plan import prepare
@@ -339,11 +376,19 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
     # Schedulers tolerate results without their metric (evaluations are periodic, scores come at the end).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    init_ray(base_cfg)
+    with display.phase("starting Ray"):
+        init_ray(base_cfg)
+    board = start_board(base_cfg.monitoring.metrics)
+    display.attach(board)
+    # Trials tag their series with the sweep's name and their trial id; the shared teacher is trial "teacher".
+    monitor = Monitor(run=spec.name, board=board, metrics=base_cfg.monitoring.metrics,
+                      peak_flops=base_cfg.monitoring.peak_flops)
     timeout = cluster.resource_timeout(base_cfg.scaling, joined_existing_cluster(base_cfg))
     _check_cluster(sweep, timeout)
     # Train a preset teacher once here, so concurrent trials find it cached instead of racing to train it.
-    plan = with_teacher(base_cfg, prepare(base_cfg))
+    with display.phase(phases.PREPARING):
+        plan = prepare(base_cfg)
+    plan = with_teacher(base_cfg, plan, replace(monitor, trial="teacher", key="teacher"))
     directory = sweep.dir
     INTERRUPT.reset(Path(directory) / INTERRUPTED if sweep.is_local else None)
     if sweep.is_local:
@@ -352,8 +397,8 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             write_text_atomic(Path(directory) / R.SWEEP_FILE, sweep.to_yaml())
     elif resume_path is None:  # object storage: raydistill results/report/--resume read it there
         R.write_bytes_to(directory, R.SWEEP_FILE, sweep.to_yaml().encode())
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep, resource_timeout_s=timeout),
-                                    {"CPU": spec.driver_cpus})
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep, resource_timeout_s=timeout,
+                                                         monitor=monitor), {"CPU": spec.driver_cpus})
     concurrency = spec.max_concurrent_trials or default_concurrency(sweep)
     if resume_path is not None:
         tuner = tune.Tuner.restore(resume_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -367,7 +412,8 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             trainable, param_space=space, tune_config=tune_config(sweep, concurrency),
             run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec.storage_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[SweepMonitor(sweep, directory), *tracker_callbacks(sweep)]))
+                                      callbacks=[SweepMonitor(sweep, directory, display),
+                                                 *tracker_callbacks(sweep)]))
     # The teacher's own scores (teacher/bench.json), as a Ray task beside the trials: collected after them.
     teacher_ref = teacher_bench.start(sweep, base_cfg, plan, resume=resume_path is not None)
     quiet = _QuietTuneInterrupt()
@@ -381,7 +427,9 @@ def _run_sweep(sweep: Sweep, resume_path: str | None = None) -> dict[str, Any]:
             INTERRUPT.marker.unlink()
     if INTERRUPT.event.is_set():
         raise Interrupted(interrupted_summary(sweep, directory, grid))
-    teacher_scores = teacher_bench.collect(teacher_ref)
+    with display.phase(phases.BENCHMARKS, key="teacher"):
+        teacher_scores = teacher_bench.collect(teacher_ref)
+    display.close()  # its last state stays on screen; the leaderboard follows it
     out = finish(sweep, directory, grid)
     if teacher_scores is not None:
         out["teacher"] = teacher_scores

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from raydistill.fsutil import write_text_atomic
+from raydistill.monitoring import board as phases
+from raydistill.monitoring.board import Monitor
 from raydistill.sweep import results as R
 from raydistill.sweep.spec import Sweep
 from raydistill.sweep.space import trial_values
@@ -117,7 +120,9 @@ def _wait_if_interrupted(sweep: Sweep) -> None:
         raise RuntimeError("the sweep was interrupted before this trial started; raydistill sweep --resume runs it")
 
 
-def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float | None = None) -> None:
+def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float | None = None,
+                 monitor: Monitor | None = None) -> None:
+    """``monitor``: the sweep's (its name, its progress board); the trial adds its id."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -132,25 +137,33 @@ def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float
         trial_dir = Path(sweep.dir) / trial_dir.name
     trial_dir.mkdir(parents=True, exist_ok=True)
     _wait_if_interrupted(sweep)
+    trial_id = ctx.get_trial_id()
+    monitor = replace(monitor or Monitor(run=sweep.spec.name), trial=trial_id, key=trial_id)
     done = finished_result(trial_dir)
     if done is not None:  # finished before the sweep was interrupted or killed: report it again, run nothing
-        _log(trial_dir, "restored", trial_id=ctx.get_trial_id())
+        _log(trial_dir, "restored", trial_id=trial_id)
+        monitor.post(phase=phases.DONE)
         tune.report(done)
         return
-    _log(trial_dir, "start", trial_id=ctx.get_trial_id())
+    _log(trial_dir, "start", trial_id=trial_id)
+    monitor.post(phase=phases.PREPARING)
     values = trial_values(sweep.dims, config)
-    cfg = sweep.trial_config(values, output_dir=str(trial_dir), name=ctx.get_trial_id())
+    cfg = sweep.trial_config(values, output_dir=str(trial_dir), name=trial_id)
+    monitor = replace(monitor, metrics=cfg.monitoring.metrics, peak_flops=cfg.monitoring.peak_flops)
     write_text_atomic(trial_dir / "config.resolved.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
-    plan = with_teacher(cfg, prepare(cfg))
+    plan = with_teacher(cfg, prepare(cfg), monitor)
     # Checkpoints go to the sweep's storage (shared or cloud storage on a multi-node cluster).
     storage = None if sweep.is_local else R.uri_join(sweep.dir, f"{trial_dir.name}/train")
     summary = fit(plan, callbacks=[TuneReportCallback()], storage_path=storage, resource_timeout_s=resource_timeout_s,
-                  reserved=[{"CPU": sweep.spec.driver_cpus}])
+                  reserved=[{"CPU": sweep.spec.driver_cpus}], monitor=monitor)
     final = {k: v for k, v in (summary["final_metrics"] or {}).items() if isinstance(v, (int, float))}
+    if sweep.spec.eval.tasks:
+        monitor.post(phase=phases.BENCHMARKS)
     scores = run_benchmarks(sweep, cfg, plan.export_dir, trial_dir)
     export_dir = plan.export_dir if sweep.is_local else upload_outputs(sweep, trial_dir, plan.export_dir)
     result = {**final, **scores, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1}
     # Saved, then the end event, then reported: once the end event exists the trial never runs again.
     write_text_atomic(trial_dir / FINAL_RESULT, json.dumps(result))
     _log(trial_dir, "end", **scores)
+    monitor.post(phase=phases.DONE)
     tune.report(result)

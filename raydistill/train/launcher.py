@@ -13,12 +13,15 @@ from pathlib import Path
 from raydistill.config import ExperimentConfig, TrainSpec, dump_config
 from raydistill.errors import ConfigError
 from raydistill.fsutil import write_text_atomic
+from raydistill.monitoring import board as phases
+from raydistill.monitoring.board import Monitor
 from raydistill.train import checkpoints, cluster
 from raydistill.train.faults import (Interrupted, RunFailure, clear_failure, failure_message, read_failure,
                                      skip_unsupported)
 from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
 
 RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # Ray Train's run view in the dashboard (off in Ray by default)
 
 
 class TrainingFailed(RunFailure):
@@ -28,7 +31,9 @@ class TrainingFailed(RunFailure):
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
            # Progress lines go straight to stdout; the print patch would log each twice.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           # Sweep trials build their trainers on the cluster: they need the run view's switch too.
+           STATE_TRACKING: os.environ.get(STATE_TRACKING, "1")}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed then uses gloo and its CPU accelerator
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -56,6 +61,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
     if ray.is_initialized():
         return
+    os.environ.setdefault(STATE_TRACKING, "1")  # the dashboard's Train view, unless the user chose otherwise
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
@@ -90,12 +96,39 @@ def init_ray(cfg: ExperimentConfig) -> None:
             session = None
         if session:
             cluster.remember_session(cfg.cache_dir, session)
+            if cfg.ray.dashboard and cfg.monitoring.metrics:  # raydistill's panels in Ray's Grafana config
+                from raydistill.monitoring.grafana import install_when_ready
+
+                install_when_ready(ray._private.worker._global_node.get_session_dir_path())
     url = getattr(ctx, "dashboard_url", None)
     if url:
-        print(f"[raydistill] Ray dashboard: http://{url}", flush=True)
+        print(dashboard_lines(url, local=address is None), flush=True)
         if "dashboard_port" in kwargs and not url.endswith(f":{kwargs['dashboard_port']}"):
             print(f"[raydistill] note: the dashboard took another port than {kwargs['dashboard_port']}; with "
                   "several Ray clusters on this machine, a trial a scheduler stops may keep its workers", flush=True)
+    if cfg.monitoring.metrics:
+        from raydistill.monitoring.metrics import metrics_endpoint
+
+        endpoint = metrics_endpoint()
+        print(f"[raydistill] metrics: Prometheus series ray_raydistill_*"
+              + (f" at {endpoint} (this node; every node exports its own)" if endpoint else "")
+              + "; `raydistill dashboard` explains the Grafana panels", flush=True)
+
+
+def dashboard_lines(url: str, local: bool) -> str:
+    """The dashboard's URL, how to log in (token authentication stays on) and, for a dashboard bound to this
+    machine, how to reach it from another one without opening it to the network."""
+    import socket
+
+    host, _, port = url.rpartition(":")
+    lines = [f"[raydistill] Ray dashboard: http://{url}"]
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        lines.append("[raydistill] dashboard login: the cluster's token, printed by `ray get-auth-token` on its head "
+                     "node (stored in ~/.ray/auth_token)")
+    if local and host in ("127.0.0.1", "localhost"):
+        lines.append(f"[raydistill] from a laptop: ssh -N -L {port}:127.0.0.1:{port} {socket.gethostname()}, then "
+                     f"open http://localhost:{port}")
+    return "\n".join(lines)
 
 
 def _free_port() -> int:
@@ -155,13 +188,15 @@ def latest_checkpoint_step(run_storage: Path) -> int | None:
 
 
 def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None = None,
-        resource_timeout_s: float | None = None, reserved: list[dict[str, float]] = ()) -> dict:
+        resource_timeout_s: float | None = None, reserved: list[dict[str, float]] = (),
+        monitor: Monitor | None = None) -> dict:
     """Run the plan on Ray Train; return a summary with the final metrics (those of the last checkpoint).
 
     ``callbacks`` are Ray Train callbacks (a sweep forwards reports to Tune with one); ``storage_path`` is
     where Ray keeps checkpoints (default OUTPUT_DIR/ray; s3:// and gs:// pass through). ``resource_timeout_s``
     overrides how long to wait for the cluster to offer the workers' resources; ``reserved`` are bundles
-    placed besides the workers (a sweep trial's driver).
+    placed besides the workers (a sweep trial's driver); ``monitor`` tags the workers' metrics and carries the
+    progress board they post to (default: the run's name, no board).
 
     Raises ``TrainingFailed`` (one message: a non-finite loss, a file that does not load, a worker error) and
     ``Interrupted`` (SIGINT: the workers are stopped at once)."""
@@ -191,10 +226,14 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     name = cfg.name if plan.mode == "distill" else f"{cfg.name}-teacher"
     run_storage = Path(storage_path or str(out / "ray")) / name
     attempt = uuid.uuid4().hex  # tags the reason the workers leave if they stop early
+    monitor = monitor or Monitor(run=cfg.name, metrics=cfg.monitoring.metrics, peak_flops=cfg.monitoring.peak_flops)
+    if plan.mode == "teacher":
+        monitor = monitor.for_teacher()
+    monitor.post(phase=phases.STARTING)
     clear_failure(out)
     trainer = _trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "attempt": attempt},
+        train_loop_config={"plan": plan, "attempt": attempt, "monitor": monitor},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path or str(out / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -231,7 +270,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     return summary
 
 
-def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan) -> str | None:
+def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan, monitor: Monitor | None = None) -> str | None:
     """If the teacher is a preset with ``pretrain`` set, train it once (cached) and return its directory."""
     pre = cfg.teacher.pretrain
     if pre is None or plan.teacher_source is not None:
@@ -248,14 +287,14 @@ def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan) -> str | None:
                            log_every=max(1, pre.max_steps // 10), warmup_ratio=0.05, lr_schedule="linear"),
         "scaling": cfg.scaling.model_copy(update={"num_workers": pre.num_workers or cfg.scaling.num_workers}),
     })
-    fit(prepare(teacher_cfg, mode="teacher"))
+    fit(prepare(teacher_cfg, mode="teacher"), monitor=monitor)
     return str(model_dir)
 
 
-def with_teacher(cfg: ExperimentConfig, plan: RunPlan) -> RunPlan:
+def with_teacher(cfg: ExperimentConfig, plan: RunPlan, monitor: Monitor | None = None) -> RunPlan:
     """Point a distillation plan at its pretrained teacher (training it first if it is not cached)."""
     if plan.mode == "distill":
-        teacher_dir = ensure_teacher(cfg, plan)
+        teacher_dir = ensure_teacher(cfg, plan, monitor)
         if teacher_dir is not None:
             plan.teacher_source = teacher_dir
             plan.notes = [n for n in plan.notes if "randomly initialised" not in n]
@@ -264,19 +303,38 @@ def with_teacher(cfg: ExperimentConfig, plan: RunPlan) -> RunPlan:
 
 def run(cfg: ExperimentConfig, mode: Mode = "distill") -> dict:
     """Everything ``raydistill train`` / ``raydistill teacher`` does. All validation precedes ``ray.init``."""
+    from raydistill.monitoring.terminal import Display
+
+    with Display(cfg.monitoring.progress) as display:
+        with display.phase(phases.PREPARING):
+            plan = prepare(cfg, mode=mode)
+        return _run(cfg, plan, display)
+
+
+def _run(cfg: ExperimentConfig, plan: RunPlan, display) -> dict:
     import ray
 
-    plan = prepare(cfg, mode=mode)
+    from raydistill.monitoring.board import start_board
+
     if skip_unsupported(cfg):
         raise ConfigError(skip_unsupported(cfg))
     owned = not ray.is_initialized()
     try:
-        init_ray(cfg)
-        return fit(with_teacher(cfg, plan))
+        with display.phase("starting Ray"):
+            init_ray(cfg)
+        board = start_board(cfg.monitoring.metrics)
+        display.attach(board)
+        monitor = Monitor(run=cfg.name, board=board, metrics=cfg.monitoring.metrics,
+                          peak_flops=cfg.monitoring.peak_flops)
+        summary = fit(with_teacher(cfg, plan, monitor), monitor=monitor)
+        monitor.post(phase=phases.DONE)
+        return summary
     except KeyboardInterrupt:  # outside a fit (starting Ray): nothing to stop yet
+        display.close()  # no poll of the board while Ray shuts down
         _shutdown(owned)
         raise Interrupted("interrupted before training started; rerun the same command to start") from None
     except (RunFailure, Interrupted):
+        display.close()
         _shutdown(owned)  # now, not at exit: Ray's last buffered log lines come before the message, not after it
         raise
 

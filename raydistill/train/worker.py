@@ -31,6 +31,9 @@ from raydistill.generation import (GenerationCache, generate_responses, generati
                                    on_policy_draw, padded_shard)
 from raydistill.models.adapters import eval_mode
 from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
+from raydistill.monitoring import board as phases
+from raydistill.monitoring.board import Monitor
+from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token
 from raydistill.objectives import build_objectives
 from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
@@ -71,12 +74,15 @@ def _param_groups(module: torch.nn.Module, weight_decay: float):
 class Worker:
     """State of one rank. ``run()`` is the whole job; methods are its steps, in order."""
 
-    def __init__(self, plan: RunPlan, attempt: str | None = None):
+    def __init__(self, plan: RunPlan, attempt: str | None = None, monitor: Monitor | None = None):
         import ray.train
         import ray.train.torch
 
         self.plan, self.cfg = plan, plan.cfg
         self.attempt = attempt  # the driver's token for this fit: tags the failure note it reads back
+        self.monitor = monitor or Monitor(run=plan.cfg.name, metrics=plan.cfg.monitoring.metrics,
+                                          peak_flops=plan.cfg.monitoring.peak_flops)
+        self.flops_per_token: float | None = None
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -107,6 +113,7 @@ class Worker:
         objectives = build_objectives(plan.objectives, plan.info)
         streams = {name: build_objectives(stream.objectives, plan.info) for name, stream in plan.streams.items()}
         module = DistillModule(student, objectives, plan.info, plan.block_paths, streams=streams)
+        self.flops_per_token = self._flops_per_token(module, teacher)
         sharded_teacher = teacher is not None and cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.shard_teacher
         ds_cfg = deepspeed_config(cfg, self.world)
         t = cfg.train
@@ -142,6 +149,17 @@ class Worker:
                       seed=_step_seed(t.seed, zlib.crc32(name.encode())))
             self.stream_data[name] = (BatchSampler(stream.blocks[0], plan.token_info, grad_accum=t.grad_accum, **kw),
                                       BatchSampler(stream.blocks[1], plan.token_info, grad_accum=1, **kw))
+
+    def _flops_per_token(self, module: DistillModule, teacher: torch.nn.Module | None) -> float | None:
+        """The step's estimated FLOPs per token (for FLOP/s and MFU), from the models before DeepSpeed wraps them."""
+        info, plan = self.plan.info, self.plan
+        teacher_runs = module.needs.teacher or any(n.teacher for n in module.stream_needs.values())
+        seq_len = plan.prompts.length if plan.prompts is not None else self.cfg.data.block_size
+        try:
+            return flops_per_token(module.student, teacher, (info.student_layers, info.teacher_layers),
+                                   (info.student_hidden, info.teacher_hidden), seq_len, teacher_runs)
+        except (AttributeError, TypeError):  # not a transformers model: no FLOP estimate, the rest is exported
+            return None
 
     @staticmethod
     def _load(role: str, config, source: str | None, revision: str | None) -> torch.nn.Module:
@@ -197,6 +215,8 @@ class Worker:
                              {**kwargs, "num_samples": gen.num_samples, "seed": gen.seed})
         cache = GenerationCache(cfg.cache_dir)
         start = time.perf_counter()
+        if self.is_main:
+            self.monitor.post(phase=phases.GENERATION)
         expected = len(prompts.train) * gen.num_samples
         cached = None
         if self.is_main and cache.exists(key):
@@ -549,6 +569,13 @@ class Worker:
         guard = NonFiniteGuard(t.nonfinite)
         watch = DivergenceWatch(t.divergence, t.divergence_factor)
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
+        m = self.monitor
+        self.series = RunMetrics(m.run, m.trial, self.rank, self.world, t.max_steps, self.flops_per_token,
+                                 m.peak_flops or device_peak_flops(self.device, t.precision), self.device,
+                                 enabled=m.metrics)
+        training = phases.PRETRAINING if self.plan.mode == "teacher" else phases.TRAINING
+        if self.is_main:
+            m.post(phase=training, done=start, total=t.max_steps)
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         for step in range(start + 1, t.max_steps + 1):
             marker = self.output_dir / f".failed_at_{step}_rank{self.rank}"
@@ -586,8 +613,11 @@ class Worker:
                 metrics["skipped_steps"] = guard.skipped
             if watch.diverged_at:
                 metrics["diverged_at_step"] = watch.diverged_at
+            rank_tokens = window_tokens // self.world
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
             if do_eval:
+                if self.is_main:
+                    m.post(phase=phases.VALIDATION)
                 metrics.update(self.evaluate())
                 # Weights that give a non-finite validation loss are corrupt: never export them. Skipping
                 # non-finite steps, only the student's own cross-entropy counts (an objective may stay NaN).
@@ -601,6 +631,9 @@ class Worker:
                                          if self.checkpoint_step else "no checkpoint was written before it"))
                     do_ckpt = False
             progress.log(metrics)
+            self.series.log(metrics, [k for k in logs if k != "on_policy"], rank_tokens)
+            if self.is_main:
+                m.post(phase=training, done=step, total=t.max_steps, detail=_detail(metrics))
             if last and failure is None:  # before the final checkpoint: a rerun must not export it either
                 try:
                     guard.check_trained(step, self.engine.global_steps, self.engine.skipped_steps)
@@ -610,16 +643,33 @@ class Worker:
                 progress.close()
                 raise failure
             if do_ckpt:
+                if self.is_main:
+                    m.post(phase=phases.CHECKPOINT)
+                begun = time.perf_counter()
                 self.checkpoint_and_report(step, metrics)
+                self.series.duration("checkpoint", time.perf_counter() - begun)
             elif do_report:
                 ray.train.report(metrics)
         guard.check_trained(t.max_steps, self.engine.global_steps, self.engine.skipped_steps)
+        if self.is_main:
+            m.post(phase=phases.EXPORT)
+        begun = time.perf_counter()
         self.export(t.max_steps)
+        self.series.duration("export", time.perf_counter() - begun)
         if self.world > 1:
             dist.barrier()
         progress.close()
 
 
+def _detail(metrics: dict[str, Any]) -> str:
+    """The few numbers the terminal shows beside a run's progress bar."""
+    parts = [f"loss {metrics['loss']:.4g}"] if isinstance(metrics.get("loss"), float) else []
+    parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+    if "val/loss" in metrics:
+        parts.append(f"val/loss {metrics['val/loss']:.4g}")
+    return " · ".join(parts)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point Ray Train runs on every worker."""
-    Worker(config["plan"], attempt=config.get("attempt")).run()
+    Worker(config["plan"], attempt=config.get("attempt"), monitor=config.get("monitor")).run()

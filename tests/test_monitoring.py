@@ -1,0 +1,175 @@
+"""Monitoring without a cluster: the Grafana dashboard against the series catalogue, where it is installed,
+the FLOP estimate behind MFU, the progress board's bookkeeping, the terminal display (plain lines and the
+live display) and the sweep's trial table with its phase column. The series a real run exports are
+checked on a real Ray cluster in test_monitoring_e2e.py."""
+
+import io
+import json
+import re
+import sys
+import time
+
+import pytest
+import torch
+
+from raydistill.errors import ConfigError
+from raydistill.monitoring import board as B
+from raydistill.monitoring import grafana
+from raydistill.monitoring.metrics import SERIES, device_peak_flops, flops_per_token
+from raydistill.monitoring.terminal import Display, describe
+
+EXPORTED = {name for s in SERIES.values() for name in s.exported()}
+
+
+def panels(dashboard: dict) -> list[dict]:
+    out = []
+    for p in dashboard["panels"]:
+        out += [p] + p.get("panels", [])
+    return [p for p in out if p["type"] != "row"]
+
+
+def test_every_panel_queries_series_raydistill_exports_and_every_series_has_a_panel():
+    dashboard = json.loads(grafana.dashboard_json())
+    assert dashboard["uid"] == grafana.DASHBOARD_UID
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "run", "trial"}
+    used = set()
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels(dashboard):
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bray_raydistill_\w+", target["expr"]))
+            assert names, (panel["title"], target["expr"])
+            assert names <= EXPORTED, (panel["title"], names - EXPORTED)
+            used |= names
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+            assert target["datasource"]["uid"] == "${datasource}"
+    # Each series reaches a panel (a histogram through its _sum/_count).
+    for s in SERIES.values():
+        assert used & set(s.exported()), f"{s.name} has no panel"
+
+
+def test_install_writes_the_packaged_json_where_rays_grafana_reads_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(grafana.DASHBOARD_DIR_ENV, raising=False)
+    monkeypatch.delenv(grafana.METRICS_ROOT_ENV, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    folder = tmp_path / "ray" / "session_latest" / "metrics" / "grafana" / "dashboards"
+    assert grafana.dashboards_dir() == folder
+    with pytest.raises(ConfigError, match="no Ray Grafana configuration at .*dashboards: start the cluster first"):
+        grafana.install()
+    folder.mkdir(parents=True)
+    path = grafana.install()
+    assert path == folder / "raydistill.json" and path.read_text() == grafana.dashboard_json()
+    assert "ray metrics launch-prometheus" in grafana.next_steps(path)
+    # Ray's own overrides of the folder win; --dir creates the folder it is given.
+    monkeypatch.setenv(grafana.METRICS_ROOT_ENV, str(tmp_path / "root"))
+    assert grafana.dashboards_dir() == tmp_path / "root" / "grafana" / "dashboards"
+    monkeypatch.setenv(grafana.DASHBOARD_DIR_ENV, str(tmp_path / "dash"))
+    assert grafana.dashboards_dir() == tmp_path / "dash"
+    assert grafana.install(tmp_path / "mine").read_text() == grafana.dashboard_json()
+
+
+def test_install_when_ready_waits_for_rays_own_dashboards(tmp_path, monkeypatch):
+    monkeypatch.delenv(grafana.DASHBOARD_DIR_ENV, raising=False)
+    monkeypatch.delenv(grafana.METRICS_ROOT_ENV, raising=False)
+    folder = tmp_path / "metrics" / "grafana" / "dashboards"
+    thread = grafana.install_when_ready(tmp_path, timeout_s=10)
+    time.sleep(0.8)
+    assert not (folder / "raydistill.json").exists()  # Ray wipes the folder when it starts: wait for it
+    folder.mkdir(parents=True)
+    (folder / "default_grafana_dashboard.json").write_text("{}")
+    thread.join(timeout=5)
+    assert (folder / "raydistill.json").read_text() == grafana.dashboard_json()
+
+
+def test_the_cli_prints_the_dashboard_json():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "raydistill.cli", "dashboard", "--print"], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out)["uid"] == "raydistill"
+
+
+def test_flops_per_token_is_6n_plus_attention_for_the_student_and_2n_for_the_teacher():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model(layers):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+
+    student, teacher = model(1), model(2)
+
+    def matmul(m):  # by hand: every parameter but the token and position embeddings, plus the tied head (V x d)
+        return sum(p.numel() for n, p in m.named_parameters() if not n.endswith(("wte.weight", "wpe.weight"))) \
+            + 100 * 32
+
+    got = flops_per_token(student, teacher, (1, 2), (32, 32), seq_len=16, teacher_runs=True)
+    assert got == 6 * matmul(student) + 12 * 1 * 32 * 16 + 2 * matmul(teacher) + 4 * 2 * 32 * 16
+    # A teacher no objective uses costs nothing.
+    assert flops_per_token(student, teacher, (1, 2), (32, 32), 16, teacher_runs=False) == \
+        6 * matmul(student) + 12 * 32 * 16
+
+
+def test_mfu_has_no_peak_on_cpu():
+    assert device_peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_the_board_keeps_each_keys_phase_and_resets_progress_on_a_new_phase():
+    board = B.ProgressBoard(metrics=False)
+    board.post("t1", {"run": "s", "trial": "t1", "phase": B.TRAINING, "done": 0, "total": 60})
+    board.post("t1", {"done": 30, "detail": "loss 3.2"})
+    entry = board.snapshot()["t1"]
+    assert (entry["phase"], entry["done"], entry["total"], entry["detail"]) == (B.TRAINING, 30, 60, "loss 3.2")
+    assert describe(entry) == "training 30/60"
+    board.post("t1", {"phase": B.BENCHMARKS})
+    entry = board.snapshot()["t1"]
+    assert entry["done"] is None and entry["total"] is None and entry["detail"] == ""
+    assert re.fullmatch(r"benchmarks 0:0\d", describe(entry, now=entry["since"] + 3))
+
+
+def test_plain_output_is_one_line_per_phase_never_a_redraw(capsys):
+    with Display("plain") as display:
+        assert not display.live_mode
+        with display.phase(B.PREPARING):
+            pass
+        display.set_phase(B.TRAINING)
+        display.set_phase(B.VALIDATION)
+        display.set_phase(B.TRAINING)  # back from validation: said once already
+        display.set_phase(B.BENCHMARKS, key="t1")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[raydistill] preparing data", "[raydistill] training", "[raydistill] validation",
+                   "[raydistill] trial t1: benchmarks"]
+    assert "\x1b" not in "".join(out)
+
+
+def test_live_display_draws_phases_and_the_table(monkeypatch):
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    with Display("live") as display:
+        display.table = lambda snapshot: "TRIALS " + ",".join(sorted(snapshot))
+        display.table_keys = lambda: {"t1"}
+        display.set_phase(B.TRAINING, key="teacher")
+        display.set_phase(B.VALIDATION, key="t1")
+        time.sleep(0.6)
+    text = buffer.getvalue()
+    assert "teacher: training" in text and "TRIALS t1,teacher" in text
+    assert "trial t1: validation" not in text  # the table's trials get no line of their own
+
+
+def test_the_sweep_table_has_a_phase_column_for_running_trials(tmp_path):
+    from raydistill.sweep.runner import SweepMonitor
+    from raydistill.sweep.spec import load_sweep
+
+    sweep = load_sweep(None, [], data={"name": "t", "base": {"teacher": {"name": "tiny-gpt2"},
+                                                                "monitoring": {"metrics": False}},
+                                       "storage_path": str(tmp_path), "metric": "val/loss", "mode": "min",
+                                       "space": {"train.lr": {"grid": [1e-3, 2e-3]}}})
+    monitor = SweepMonitor(sweep, str(tmp_path))
+    monitor._rows = [{"trial": "a", "status": "running", "step": 30, "config/train.lr": 1e-3, "val/loss": 3.1},
+                     {"trial": "b", "status": "pending", "step": None, "config/train.lr": 2e-3}]
+    now = time.time()
+    table = monitor.table({"a": {"phase": B.TRAINING, "done": 40, "total": 60, "since": now},
+                           "b": {"phase": B.PREPARING, "since": now}})
+    header, _, first, second = table.splitlines()[1:5]
+    assert header.split()[:5] == ["#", "trial", "status", "phase", "step"]
+    assert "training 40/60" in first and "preparing" not in second  # a pending trial shows no phase

@@ -1,0 +1,124 @@
+"""A short `raydistill train` on a local Ray cluster exports raydistill's series: scraped from the node's
+Prometheus endpoint (the metrics export port Ray reports), as Prometheus would, with their tags, the last
+step reached, and the Grafana dashboard's queries naming what is there."""
+
+import json
+import os
+import re
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from raydistill.config import load_config
+from raydistill.monitoring import grafana
+from raydistill.train import launcher
+
+pytestmark = pytest.mark.e2e
+
+TINY = ["teacher.name=tiny-gpt2", "student.num_layers=1", "data.builtin.num_documents=400", "data.block_size=32",
+        "tokenizer.vocab_size=512", "train.batch_size=8", "train.lr=3e-3", "train.warmup_ratio=0",
+        "train.lr_schedule=constant", "train.eval_batches=1", "scaling.num_workers=2", "ray.dashboard=false",
+        "objectives.kd.weight=1.0"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def metrics_cluster():
+    """A local cluster whose processes hand their metrics to the node's agent every second (Ray's default is
+    every 10 s), so a short run's last values are exported before the test gives up on them."""
+    import ray
+
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    try:
+        launcher.init_ray(load_config(None, ["teacher.name=tiny-gpt2", "ray.dashboard=false"]))
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_metrics_report_interval_ms", None)
+
+
+def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every ray_raydistill_* sample of every node: name -> [(labels, value)]."""
+    from raydistill.monitoring.metrics import metrics_endpoints
+
+    out: dict[str, list] = {}
+    for url in metrics_endpoints().values():
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_raydistill_"):
+                    out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def mine(samples: dict, name: str, run: str) -> list[tuple[dict[str, str], float]]:
+    return [(labels, value) for labels, value in samples.get(name, []) if labels.get("run") == run]
+
+
+def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path, cache_dir, capfd):
+    run = tmp_path / "run"
+    name = "mon"
+    started = time.time()
+    launcher.run(load_config(None, [f"output_dir={run}", f"cache_dir={cache_dir}", f"name={name}", *TINY,
+                                    f"train.max_steps={STEPS}", "train.log_every=2", "train.eval_every=3",
+                                    "train.checkpoint_every=3", "objectives.iit={weight: 0.0, alignment: late}",
+                                    "monitoring.peak_flops=1.0e12"]))
+    out = capfd.readouterr().out
+    assert "[raydistill] metrics: Prometheus series ray_raydistill_* at http://" in out, out[-2000:]
+    assert "[raydistill] training (6 steps)" in out and "[raydistill] export" in out  # plain progress lines
+
+    # The agent exports what the workers recorded within about a report interval; wait for the final step.
+    deadline = time.time() + 30
+    while True:
+        samples = scrape()
+        steps = {labels["rank"]: value for labels, value in mine(samples, "ray_raydistill_train_step", name)}
+        exported = sum(v for _, v in mine(samples, "ray_raydistill_export_seconds_count", name))
+        if steps == {"0": STEPS, "1": STEPS} and exported >= 2 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert steps == {"0": STEPS, "1": STEPS}, steps  # every rank reached the final step
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for series in ("ray_raydistill_train_progress", "ray_raydistill_train_tokens_per_s",
+                   "ray_raydistill_train_step_time_s", "ray_raydistill_train_flops_per_s", "ray_raydistill_train_mfu",
+                   "ray_raydistill_train_tokens_total", "ray_raydistill_train_updated_timestamp_s",
+                   "ray_raydistill_checkpoint_seconds_count", "ray_raydistill_export_seconds_count"):
+        got = mine(samples, series, name)
+        assert {labels["rank"] for labels, _ in got} == {"0", "1"}, (series, got)
+        assert all(labels["trial"] == "" for labels, _ in got)
+    assert {v for _, v in mine(samples, "ray_raydistill_train_progress", name)} == {1.0}
+    # MFU is the FLOP estimate over monitoring.peak_flops; tokens add up to what the run logged.
+    for (labels, flops), (_, mfu) in zip(sorted(mine(samples, "ray_raydistill_train_flops_per_s", name),
+                                                key=lambda s: s[0]["rank"]),
+                                         sorted(mine(samples, "ray_raydistill_train_mfu", name),
+                                                key=lambda s: s[0]["rank"])):
+        assert flops > 0 and mfu == pytest.approx(flops / 1e12)
+    assert sum(v for _, v in mine(samples, "ray_raydistill_checkpoint_seconds_count", name)) == 4  # 2 x 2 ranks
+    # Rank 0: the loss, each term, the learning rate, validation and IIA per pair, as the last logged row.
+    (loss_labels, loss), = mine(samples, "ray_raydistill_train_loss", name)
+    assert loss_labels["rank"] == "0" and loss == pytest.approx(last["loss"], rel=1e-5)
+    terms = {labels["term"]: value for labels, value in mine(samples, "ray_raydistill_train_loss_term", name)}
+    assert {"task", "kd"} <= set(terms) and terms["kd"] == pytest.approx(last["kd"], rel=1e-5)
+    (_, lr), = mine(samples, "ray_raydistill_train_lr", name)
+    assert lr == pytest.approx(3e-3)
+    val = {labels["metric"]: value for labels, value in mine(samples, "ray_raydistill_val", name)}
+    assert val["loss"] == pytest.approx(last["val/loss"], rel=1e-5) and "ppl" in val and "ce" in val
+    iia = {labels["pair"]: value for labels, value in mine(samples, "ray_raydistill_val_iia", name)}
+    assert "mean" in iia and len(iia) >= 2 and all(0 <= v <= 1 for v in iia.values()), iia
+    assert iia["mean"] == pytest.approx(last["val/iia/mean"], rel=1e-5)
+    # The progress board's phase series: the run ended in "done", every phase it left is 0.
+    phases = {labels["phase"]: value for labels, value in mine(samples, "ray_raydistill_phase", name)}
+    assert phases.get("done") == 1 and phases.get("training") == 0 and phases.get("export") == 0, phases
+    assert all(v >= started for _, v in mine(samples, "ray_raydistill_train_updated_timestamp_s", name))
+
+    # Every series the dashboard queries for a train run is there (the sweep's and GPU memory are not, on CPU).
+    present = set(samples)
+    dashboard = json.loads(grafana.dashboard_json())
+    queried = {n for p in dashboard["panels"] for t in p.get("targets", [])
+               for n in re.findall(r"\bray_raydistill_\w+", t["expr"])}
+    absent = queried - present
+    assert absent <= {"ray_raydistill_gpu_memory_bytes", "ray_raydistill_sweep_trials", "ray_raydistill_sweep_best",
+                      "ray_raydistill_sweep_bench_score"}, absent
