@@ -173,3 +173,30 @@ def test_the_sweep_table_has_a_phase_column_for_running_trials(tmp_path):
     header, _, first, second = table.splitlines()[1:5]
     assert header.split()[:5] == ["#", "trial", "status", "phase", "step"]
     assert "training 40/60" in first and "preparing" not in second  # a pending trial shows no phase
+
+
+def test_the_sweep_monitor_pickles_while_a_live_display_shows_its_table(tmp_path):
+    """Tune pickles its callbacks into tuner.pkl (and a resumed sweep gets them back): the monitor must not hold
+    the display (threads, locks), only find it."""
+    import ray.cloudpickle as pickle
+
+    from raydistill.sweep import runner
+    from raydistill.sweep.spec import load_sweep
+
+    sweep = load_sweep(None, [], data={"name": "t", "base": {"teacher": {"name": "tiny-gpt2"},
+                                                                "monitoring": {"metrics": False}},
+                                       "storage_path": str(tmp_path), "metric": "val/loss", "mode": "min"})
+    import signal
+
+    monitor = runner.SweepMonitor(sweep, str(tmp_path))
+    handler = signal.getsignal(signal.SIGINT)
+    with Display("live") as display:
+        runner.DISPLAY.append(display)
+        try:
+            monitor.setup()  # also chains the sweep's SIGINT bookkeeping: put pytest's handler back after
+            assert display.table == monitor.table
+            restored = pickle.loads(pickle.dumps(monitor))
+        finally:
+            runner.DISPLAY.remove(display)
+            signal.signal(signal.SIGINT, handler)
+    assert restored.sweep.spec.name == "t" and restored.display is None

@@ -58,6 +58,7 @@ def mine(samples: dict, name: str, run: str) -> list[tuple[dict[str, str], float
 
 
 def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path, cache_dir, capfd):
+    capfd.readouterr()
     run = tmp_path / "run"
     name = "mon"
     started = time.time()
@@ -66,8 +67,11 @@ def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path
                                     "train.checkpoint_every=3", "objectives.iit={weight: 0.0, alignment: late}",
                                     "monitoring.peak_flops=1.0e12"]))
     out = capfd.readouterr().out
-    assert "[raydistill] metrics: Prometheus series ray_raydistill_* at http://" in out, out[-2000:]
-    assert "[raydistill] training (6 steps)" in out and "[raydistill] export" in out  # plain progress lines
+    # Not a terminal: plain progress lines, one per phase entered.
+    for line in ("[raydistill] preparing data", "[raydistill] starting workers", "[raydistill] training (6 steps)",
+                 "[raydistill] validation", "[raydistill] checkpoint", "[raydistill] export"):
+        assert line + "\n" in out, (line, out[-3000:])
+    assert "\x1b[2K" not in out  # no redraws
 
     # The agent exports what the workers recorded within about a report interval; wait for the final step.
     deadline = time.time() + 30
@@ -101,11 +105,11 @@ def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path
     (loss_labels, loss), = mine(samples, "ray_raydistill_train_loss", name)
     assert loss_labels["rank"] == "0" and loss == pytest.approx(last["loss"], rel=1e-5)
     terms = {labels["term"]: value for labels, value in mine(samples, "ray_raydistill_train_loss_term", name)}
-    assert {"task", "kd"} <= set(terms) and terms["kd"] == pytest.approx(last["kd"], rel=1e-5)
+    assert set(terms) == {"kd"} and terms["kd"] == pytest.approx(last["kd"], rel=1e-5)
     (_, lr), = mine(samples, "ray_raydistill_train_lr", name)
     assert lr == pytest.approx(3e-3)
     val = {labels["metric"]: value for labels, value in mine(samples, "ray_raydistill_val", name)}
-    assert val["loss"] == pytest.approx(last["val/loss"], rel=1e-5) and "ppl" in val and "ce" in val
+    assert val["loss"] == pytest.approx(last["val/loss"], rel=1e-5) and {"ppl", "ce", "kd"} <= set(val)
     iia = {labels["pair"]: value for labels, value in mine(samples, "ray_raydistill_val_iia", name)}
     assert "mean" in iia and len(iia) >= 2 and all(0 <= v <= 1 for v in iia.values()), iia
     assert iia["mean"] == pytest.approx(last["val/iia/mean"], rel=1e-5)

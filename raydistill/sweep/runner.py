@@ -72,6 +72,9 @@ class _Interrupt:
 
 
 INTERRUPT = _Interrupt()
+# This process's progress display. Module state, like INTERRUPT, because Tune pickles its callbacks into
+# tuner.pkl and a resumed sweep gets the pickled SweepMonitor back: the monitor must not hold the display.
+DISPLAY: list[Display] = []
 
 
 class _QuietTuneInterrupt(logging.Filter):
@@ -87,20 +90,28 @@ class SweepMonitor(_TuneCallback):
     place in a terminal (the display redraws it with each trial's phase from the progress board), else
     printed when a trial starts or ends and every ``status_every_s`` seconds. Exports the sweep's series."""
 
-    def __init__(self, sweep: Sweep, directory: str, display: Display | None = None):
+    def __init__(self, sweep: Sweep, directory: str):
         self.sweep, self.directory = sweep, directory
-        self.display = display
         self._last_print = 0.0
         self._last_table = ""
         self._rows: list[dict[str, Any]] = []
         metrics = sweep.base_config().monitoring.metrics
         self.series = SweepMetrics(sweep.spec.name, sweep.spec.metric, sweep.spec.mode, enabled=metrics)
-        if display is not None and display.live_mode:
-            display.table = self.table
-            display.table_keys = lambda: {str(r["trial"]) for r in self._rows}
+
+    @property
+    def display(self) -> Display | None:
+        return DISPLAY[-1] if DISPLAY else None
+
+    def _trial_keys(self) -> set[str]:
+        return {str(r["trial"]) for r in self._rows}
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-        """Chain raydistill's interrupt bookkeeping before Tune's SIGINT handler (installed just before this)."""
+        """Hand the table to a live display; chain raydistill's interrupt bookkeeping before Tune's SIGINT
+        handler (installed just before this)."""
+        display = self.display
+        if display is not None and display.live_mode:
+            display.table = self.table
+            display.table_keys = self._trial_keys
         if threading.current_thread() is not threading.main_thread():
             return
         tune_handler = signal.getsignal(signal.SIGINT)
@@ -329,6 +340,7 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None, display: Display | N
     from raydistill.train.launcher import _shutdown
 
     owned = not ray.is_initialized()
+    DISPLAY.append(display)
     try:
         return _run_sweep(sweep, resume_path, display)
     except KeyboardInterrupt:  # before Tune started, or a second Ctrl-C while it wound down
@@ -341,6 +353,8 @@ def run_sweep(sweep: Sweep, resume_path: str | None = None, display: Display | N
         display.close()
         _shutdown(owned)  # Ray's buffered log lines before the message, not after it
         raise
+    finally:
+        DISPLAY.remove(display)
 
 
 def _check_cluster(sweep: Sweep, timeout_s: float) -> None:
@@ -412,8 +426,7 @@ def _run_sweep(sweep: Sweep, resume_path: str | None, display: Display) -> dict[
             trainable, param_space=space, tune_config=tune_config(sweep, concurrency),
             run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec.storage_path), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[SweepMonitor(sweep, directory, display),
-                                                 *tracker_callbacks(sweep)]))
+                                      callbacks=[SweepMonitor(sweep, directory), *tracker_callbacks(sweep)]))
     # The teacher's own scores (teacher/bench.json), as a Ray task beside the trials: collected after them.
     teacher_ref = teacher_bench.start(sweep, base_cfg, plan, resume=resume_path is not None)
     quiet = _QuietTuneInterrupt()

@@ -288,6 +288,8 @@ def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan, monitor: Monitor | None
         "scaling": cfg.scaling.model_copy(update={"num_workers": pre.num_workers or cfg.scaling.num_workers}),
     })
     fit(prepare(teacher_cfg, mode="teacher"), monitor=monitor)
+    if monitor is not None:
+        monitor.for_teacher().post(phase=phases.DONE)
     return str(model_dir)
 
 
