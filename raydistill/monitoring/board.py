@@ -22,6 +22,7 @@ TRAINING = "training"
 VALIDATION = "validation"
 CHECKPOINT = "checkpoint"
 EXPORT = "export"
+STOPPING = "stopping workers"
 BENCHMARKS = "benchmarks"
 DONE = "done"
 

@@ -192,11 +192,11 @@ class Display:
                 # A validation or checkpoint inside training: the bar (and its ETA) stays, the pause is named.
                 progress.update(task, detail=f"{phase}...")
                 continue
+            if task is not None and self._descriptions.get(key) != description:
+                progress.remove_task(task)  # a new phase: its own clock, and a bar only if it counts steps
+                task = None
             if task is None:
-                task = self._tasks[key] = progress.add_task(description, total=None, detail="")
-            elif self._descriptions.get(key) != description:  # a new phase: its own clock and bar
-                progress.reset(task, description=description, total=entry.get("total"),
-                               completed=entry.get("done") or 0, detail="")
+                task = self._tasks[key] = progress.add_task(description, total=entry.get("total"), detail="")
             self._descriptions[key] = description
             progress.update(task, total=entry.get("total"), completed=entry.get("done") or 0,
                             detail=entry.get("detail") or "")

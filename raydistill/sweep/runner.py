@@ -440,8 +440,11 @@ def _run_sweep(sweep: Sweep, resume_path: str | None, display: Display) -> dict[
             INTERRUPT.marker.unlink()
     if INTERRUPT.event.is_set():
         raise Interrupted(interrupted_summary(sweep, directory, grid))
-    with display.phase(phases.BENCHMARKS, key="teacher"):
-        teacher_scores = teacher_bench.collect(teacher_ref)
+    if teacher_ref is not None:
+        with display.phase(phases.BENCHMARKS, key="teacher"):  # the teacher is scored beside the trials
+            teacher_scores = teacher_bench.collect(teacher_ref)
+    else:
+        teacher_scores = None
     display.close()  # its last state stays on screen; the leaderboard follows it
     out = finish(sweep, directory, grid)
     if teacher_scores is not None:

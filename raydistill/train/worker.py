@@ -659,6 +659,8 @@ class Worker:
         if self.world > 1:
             dist.barrier()
         progress.close()
+        if self.is_main:
+            m.post(phase=phases.STOPPING)  # Ray Train takes a few seconds to end the worker group
 
 
 def _detail(metrics: dict[str, Any]) -> str:
