@@ -2,7 +2,7 @@
 
 - Damaged checkpoints (a file cut in half, a file deleted): the run says which and resumes from the newest
   intact one, replaying the same steps; a non-finite loss stops the run at that step with the terms named and
-  nothing exported.
+  nothing exported; so does an exploding finite loss under ``train.divergence=stop``.
 - SIGINT on ``raydistill train``: the workers stop at once, exit 130, the message says how to resume.
 - A sweep interrupted with SIGINT, then killed with SIGKILL, then resumed: no trial starts after the signal,
   cut-short trials are "interrupted", exit 130 with ``raydistill sweep --resume``; no finished trial ever runs
@@ -86,6 +86,17 @@ def test_damaged_checkpoints_fall_back_and_a_nonfinite_loss_stops_the_run(ray_cl
     assert json.loads((run / "student" / "raydistill.json").read_text())["step"] == 14
     last = rows(run)[-1]
     assert last["step"] == 15 and math.isnan(last["loss"])
+    # 4. A finite loss that explodes (lr 10, no clipping; the 3.3 -> 9,284) under train.divergence=stop,
+    # in a fresh run: stopped at the step named, nothing exported (here kd went 0.005 -> 3,229 -> 9,362).
+    fresh = tmp_path / "exploding"
+    with pytest.raises(launcher.TrainingFailed) as err:
+        launcher.run(load_config(None, [f"output_dir={fresh}", f"cache_dir={cache_dir}", "name=x", *TINY,
+                                        "train.max_steps=30", "train.lr=10", "train.grad_clip=0",
+                                        "train.divergence=stop"]))
+    msg = str(err.value)
+    assert msg.startswith("the loss is diverging at step ") and "nothing was exported" in msg, msg
+    assert not (fresh / "student").exists()
+    assert rows(fresh)[-1]["diverged_at_step"] == rows(fresh)[-1]["step"] == int(msg.split()[6].rstrip(":"))
 
 
 def cli(*args) -> subprocess.Popen:
