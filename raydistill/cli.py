@@ -225,6 +225,21 @@ def bench_sweep(as_json: bool = typer.Option(False, "--json", help="print one JS
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench_app.command("data")
+def bench_data(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+               tokens: str = typer.Option("10000000,100000000", help="comma-separated corpus sizes (tokens)"),
+               cpus: str = typer.Option("", help="comma-separated CPU counts (default: 1 and all)"),
+               text: Optional[str] = typer.Option(None, help="UTF-8 text repeated to each size (default: WikiText-2)"),
+               parts: str = typer.Option("build,two_node,step", help="build (each size and CPU count), two_node, step"),
+               steps: int = typer.Option(40, help="timed training steps per run of the step comparison")):
+    """A corpus of N tokens prepared on Ray Data on 1 and all CPUs (and two nodes); training from its shards."""
+    from raydistill.bench.data import bench_data as run_bench
+
+    result = run_bench(tokens=tuple(int(float(t)) for t in tokens.split(",")), text=text, parts=tuple(parts.split(",")),
+                       cpus=tuple(int(c) for c in cpus.split(",")) if cpus else None, steps=steps)
+    typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
 _SIGINT = []
 
 

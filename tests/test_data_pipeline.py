@@ -302,3 +302,19 @@ def test_hub_datasets_downloaded_or_streamed(tmp_path):
     assert batches_digest(whole.fetch_blocks(), whole.token_info, 0) == \
         batches_digest(streamed.fetch_blocks(), streamed.token_info, 0)
     assert len(streamed.blocks[0].shards) == 2  # one piece per streamed shard
+
+
+# ----------------------------------------------------------------------------------------------- on Ray
+@pytest.mark.e2e
+def test_the_ray_data_pipeline_packs_the_same_blocks(ray_cluster, cases):
+    """data.pipeline=ray: Ray Data tasks count the documents (held-out split) and tokenize the pieces; the
+    blocks and batches are those of the in-memory pipeline."""
+    from raydistill.data.shards import read_manifest
+    from raydistill.train.plan import prepare
+
+    tmp, overrides = cases
+    for name in ("files-gpt2", "files-bert-val"):
+        plan = prepare(config(tmp, overrides[name], "data.pipeline=ray", f"cache_dir={tmp}/ray-cache"))
+        manifest = read_manifest(plan.blocks[0].root)
+        assert manifest["pipeline"] == "ray" and manifest["nodes"] == 1
+        assert batches_digest(plan.fetch_blocks(), plan.token_info, plan.cfg.train.seed) == TODAY[name]

@@ -26,20 +26,23 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from raydistill.config import DataSpec
 from raydistill.data import sources
-from raydistill.data.blocks import Blocks, TokenInfo, pack
 from raydistill.data.shards import (FORMAT, ShardedBlocks, new_build_id, open_split, read_manifest, token_dtype,
                                     write_array, write_manifest)
 from raydistill.data.sources import Piece, is_uri, uri_join
 from raydistill.errors import ConfigError
+
+if TYPE_CHECKING:  # pipeline tasks import this module on every node: no torch, no config models there
+    from transformers import PreTrainedTokenizerBase
+
+    from raydistill.config import DataSpec
+    from raydistill.data.blocks import Blocks, TokenInfo
 
 AUTO_RAY_BYTES = 64 << 20  # data.pipeline: auto prepares corpora with more input than this on Ray
 TOKENIZE_BATCH = 1024  # documents per tokenizer call inside a piece
@@ -58,12 +61,16 @@ def data_key(spec: DataSpec) -> dict:
 
 
 def token_info(tok: PreTrainedTokenizerBase, is_encoder: bool) -> TokenInfo:
+    from raydistill.data.blocks import TokenInfo
+
     return TokenInfo(is_encoder=is_encoder, vocab_size=len(tok), pad_id=tok.pad_token_id,
                      mask_id=tok.mask_token_id, special_ids=tuple(sorted(set(tok.all_special_ids))))
 
 
 def tokenize_and_pack(docs: list[str], tok: PreTrainedTokenizerBase, block_size: int, is_encoder: bool) -> Blocks:
     """In memory, for small document lists (the shards hold the same blocks)."""
+    from raydistill.data.blocks import pack
+
     ids = tok(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return pack(ids, block_size, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
                 sep_id=tok.sep_token_id if is_encoder else None, cls_id=tok.cls_token_id if is_encoder else None)
@@ -217,6 +224,7 @@ def _count(pieces: list[Piece], i: int) -> dict:
 
 def tokenize_piece(job: TokenizeJob, i: int) -> dict:
     piece, plan = job.pieces[i], job.assignments[i]
+    began, cpu = time.time(), time.process_time()
     try:
         docs = sources.read_piece(piece)
     except ConfigError as e:
@@ -232,7 +240,7 @@ def tokenize_piece(job: TokenizeJob, i: int) -> dict:
         val = [d for d, h in zip(docs, held) if h]
     else:
         train, val = docs, []
-    out = {"i": i, "docs": len(docs), "bytes": piece.nbytes, "node": _node()}
+    out = {"i": i, "docs": len(docs), "bytes": piece.nbytes, "node": _node(), "pid": os.getpid(), "began": began}
     for split, part in (("train", train), ("val", val)):
         stream = _stream(part, job) if part else np.zeros(0, dtype=job.dtype)
         out[f"{split}_tokens"] = int(len(stream))
@@ -241,6 +249,8 @@ def tokenize_piece(job: TokenizeJob, i: int) -> dict:
             write_array(uri_join(job.out, rel), stream)
             out[f"{split}_path"] = rel
     out["peak_rss"] = _peak_rss()
+    out["ended"] = time.time()
+    out["cpu_s"] = time.process_time() - cpu
     return out
 
 
@@ -514,9 +524,13 @@ def build(corpus: Corpus, tok: PreTrainedTokenizerBase, is_encoder: bool, root: 
         "cls_id": tok.cls_token_id if is_encoder else None, "sep_id": tok.sep_token_id if is_encoder else None,
         "tokenizer": tokenizer_fingerprint(tok), "splits": splits, "documents": int(sum(r["docs"] for r in results)),
         "input_bytes": corpus.input_bytes, "pieces": len(corpus.pieces), "pipeline": mode,
-        "nodes": len(progress.nodes), "seconds": round(time.perf_counter() - start, 2),
+        "nodes": len(progress.nodes), "node_pieces": sorted(progress.nodes.values(), reverse=True),
+        "seconds": round(time.perf_counter() - start, 2),
         "tokenize_seconds": round(progress.seconds, 2), "count": corpus.counted,
         "worker_peak_rss": progress.peak_rss,
+        # Summed over tasks: wall time well above CPU time means the tasks waited for a core.
+        "task_cpu_seconds": round(sum(r.get("cpu_s", 0) for r in results), 2),
+        "task_wall_seconds": round(sum(r.get("ended", 0) - r.get("began", 0) for r in results), 2),
     }
     write_manifest(root, manifest)
     corpus.session.stats.append({"where": corpus.where, **{k: manifest[k] for k in (

@@ -20,10 +20,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from raydistill.config import DataSpec
 from raydistill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raydistill.config import DataSpec
 
 TEXT_SUFFIXES = {".txt", ".tokens", ".raw", ".text", ""}
 ALLOWED_FILES = "UTF-8 text (.txt, .tokens, .raw, .text or no suffix), .jsonl, .csv, .parquet"
