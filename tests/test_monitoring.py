@@ -200,3 +200,18 @@ def test_the_sweep_monitor_pickles_while_a_live_display_shows_its_table(tmp_path
             runner.DISPLAY.remove(display)
             signal.signal(signal.SIGINT, handler)
     assert restored.sweep.spec.name == "t" and restored.display is None
+
+
+def test_the_dashboard_url_comes_with_how_to_log_in_and_how_to_reach_it(monkeypatch):
+    import socket
+
+    from raydistill.train.launcher import dashboard_lines
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    lines = dashboard_lines("127.0.0.1:41234", local=True).splitlines()
+    assert lines[0] == "[raydistill] Ray dashboard: http://127.0.0.1:41234"
+    assert "`ray get-auth-token`" in lines[1] and "~/.ray/auth_token" in lines[1]
+    assert lines[2] == (f"[raydistill] from a laptop: ssh -N -L 41234:127.0.0.1:41234 {socket.gethostname()}, then "
+                        "open http://localhost:41234")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert dashboard_lines("10.0.0.5:8265", local=False) == "[raydistill] Ray dashboard: http://10.0.0.5:8265"

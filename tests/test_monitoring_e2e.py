@@ -150,3 +150,28 @@ def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path
     absent = queried - present
     assert absent <= {"ray_raydistill_gpu_memory_bytes", "ray_raydistill_sweep_trials", "ray_raydistill_sweep_best",
                       "ray_raydistill_sweep_bench_score"}, absent
+
+
+def test_the_sweep_driver_exports_trials_by_state_the_best_metric_and_bench_scores(metrics_cluster):
+    from raydistill.monitoring.metrics import SweepMetrics
+
+    rows = [{"trial": "a", "status": "finished", "val/loss": 3.0, "bench/builtin-qa/f1": 0.5},
+            {"trial": "b", "status": "finished", "val/loss": 2.5, "bench/builtin-qa/f1": 0.7},
+            {"trial": "c", "status": "running", "val/loss": float("nan")},
+            {"trial": "d", "status": "pending"}]
+    SweepMetrics("sw", "val/loss", "min").update(rows)
+    prometheus = Prometheus()
+    prometheus.start()
+    deadline = time.time() + 20
+    while time.time() < deadline and not prometheus.series("ray_raydistill_sweep_bench_score", "sw"):
+        time.sleep(0.5)
+    time.sleep(1)
+    prometheus.stop.set()
+    prometheus.join()
+    states = {labels["state"]: v for labels, v in prometheus.series("ray_raydistill_sweep_trials", "sw")}
+    assert states == {"pending": 1, "running": 1, "finished": 2, "stopped": 0, "interrupted": 0, "failed": 0}
+    (best_labels, best), = prometheus.series("ray_raydistill_sweep_best", "sw")
+    assert best_labels["metric"] == "val/loss" and best == 2.5
+    scores = {(labels["trial"], labels["score"]): v
+              for labels, v in prometheus.series("ray_raydistill_sweep_bench_score", "sw")}
+    assert scores == {("a", "builtin-qa/f1"): 0.5, ("b", "builtin-qa/f1"): 0.7}
