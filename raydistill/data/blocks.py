@@ -3,11 +3,10 @@
 Batches are a pure function of (seed, step, micro-step, rank): a resumed run sees exactly the batches an
 uninterrupted run would have seen, and workers never overlap. The blocks are either in memory (``Blocks``)
 or read at random from token shards on storage (``shards.ShardedBlocks``, what ``prepare`` hands out); a
-sampler over shards reads the next micro-step's rows in a background thread while the current one trains."""
+sampler over shards asks the kernel to read the next micro-step's rows ahead while the current one trains."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,10 +82,6 @@ class BatchSampler:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.mlm_probability = mlm_probability
         self._perms: dict[int, np.ndarray] = {}
-        # Blocks read from storage: the next micro-step's rows are read while this one trains.
-        self._prefetch = not isinstance(blocks, Blocks) and hasattr(blocks, "take")
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[np.ndarray, Future] | None = None
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -113,21 +108,12 @@ class BatchSampler:
     def batch(self, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         positions = self.stream_positions(step, micro)
         out = self.make_batch(self.indices(step, micro), [[self.seed, step, int(p)] for p in positions], positions)
-        if self._prefetch:
-            following = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
-            idx = self.indices(*following)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
-            self._pending = (idx, self._pool.submit(self.blocks.take, idx))
+        prefetch = getattr(self.blocks, "prefetch", None)
+        if prefetch is not None:  # shards: the kernel reads the next micro-step's rows while this one trains
+            prefetch(self.indices(*((step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0))))
         return out
 
     def _rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The blocks' rows: the prefetched ones when they are the rows asked for (they are the same values
-        either way: reading is a pure function of the indices)."""
-        pending = self._pending
-        if pending is not None and np.array_equal(pending[0], idx):
-            self._pending = None
-            return pending[1].result()
         if hasattr(self.blocks, "take"):
             return self.blocks.take(idx)
         return self.blocks.ids[idx], self.blocks.lengths[idx]

@@ -17,6 +17,7 @@ first use, the shard a batch needs first."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import threading
@@ -211,6 +212,20 @@ class ShardedBlocks:
             s += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def prefetch(self, idx) -> None:
+        """Ask the kernel to read blocks ``idx`` ahead (``madvise(WILLNEED)``: returns at once, no thread); a
+        shard not opened yet, or still downloading, is left alone."""
+        for i in np.asarray(idx, dtype=np.int64).reshape(-1).tolist():
+            start = (i % self._len) * self.body
+            stop = min(start + self.body, self.total)
+            s = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            while start < stop and s < len(self.shards):
+                end = min(stop, int(self.offsets[s + 1]))
+                m = self._maps.get(s)
+                if m is not None and end > start:
+                    _willneed(m, start - int(self.offsets[s]), end - int(self.offsets[s]))
+                start, s = max(start, end), s + 1
+
     def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32 [k, block_size], lengths int32 [k]) of blocks ``idx``: what ``pack`` would have made."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
@@ -251,6 +266,25 @@ class ShardedBlocks:
         ids[:, 1:-1] = body
         ids[np.arange(n), lengths + 1] = self.sep_id
         return Blocks(ids, lengths + 2)
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _willneed(array: np.memmap, first: int, last: int) -> None:
+    """madvise(WILLNEED) over elements [first, last) of a memory-mapped array."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    # np.memmap maps from the allocation-granularity boundary below the data's offset in the file.
+    base = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+    lo = array.offset - base + first * array.itemsize
+    hi = array.offset - base + last * array.itemsize
+    lo -= lo % _PAGE
+    try:
+        mm.madvise(mmap.MADV_WILLNEED, lo, max(1, min(hi, len(mm)) - lo))
+    except (OSError, ValueError):  # advice only
+        pass
 
 
 class _Column:
