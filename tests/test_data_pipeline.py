@@ -241,6 +241,20 @@ def test_the_driver_hands_out_descriptions_and_reuses_the_cache(tmp_path, monkey
     assert wider.blocks[0].take([0])[0].shape == (1, 48)
 
 
+def test_how_and_where_a_corpus_is_prepared_do_not_change_its_key(tmp_path):
+    """The cache key (and the tokenizer's and pretrained teachers', which use data_key) ignores the block
+    size, masking, data.pipeline and data.cache_uri; hub.streaming enters it only when set."""
+    from raydistill.config import DataSpec
+    from raydistill.data.pipeline import data_key
+
+    base = data_key(DataSpec())
+    assert base == data_key(DataSpec(block_size=64, mlm_probability=0.3, pipeline="ray", cache_uri="s3://b/p"))
+    assert "pipeline" not in base["data"] and "cache_uri" not in base["data"]
+    hub = data_key(DataSpec(hub={"name": "x"}))
+    assert "streaming" not in hub["data"]["hub"]
+    assert data_key(DataSpec(hub={"name": "x", "streaming": True}))["data"]["hub"]["streaming"] is True
+
+
 def test_progress_lines_show_pieces_bytes_tokens_and_rate():
     import io
 
