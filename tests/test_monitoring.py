@@ -215,3 +215,18 @@ def test_the_dashboard_url_comes_with_how_to_log_in_and_how_to_reach_it(monkeypa
                         "open http://localhost:41234")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert dashboard_lines("10.0.0.5:8265", local=False) == "[raydistill] Ray dashboard: http://10.0.0.5:8265"
+
+
+def test_a_sweep_monitor_pickled_before_monitoring_existed_resumes(tmp_path):
+    import ray.cloudpickle as pickle
+
+    from raydistill.sweep import runner
+    from raydistill.sweep.spec import load_sweep
+
+    sweep = load_sweep(None, [], data={"name": "t", "base": {"teacher": {"name": "tiny-gpt2"},
+                                                                "monitoring": {"metrics": False}},
+                                       "storage_path": str(tmp_path), "metric": "val/loss", "mode": "min"})
+    old = runner.SweepMonitor(sweep, str(tmp_path))
+    del old.__dict__["_rows"], old.__dict__["series"]  # what an earlier version's tuner.pkl holds
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored._rows == [] and restored.series.sweep == "t" and not restored.series.enabled

@@ -105,6 +105,12 @@ def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path
         assert line + "\n" in out, (line, out[-3000:])
     assert "\x1b[2K" not in out  # no redraws
 
+    # Ray Train's run view (the dashboard's Train tab) is on: its state actor knows the run.
+    import ray
+
+    state = ray.get_actor("train_v2_state_actor", namespace="_train_state_actor")
+    assert name in {r.name for r in ray.get(state.get_train_runs.remote()).values()}
+
     mine = prometheus.series
     steps = {labels["rank"]: value for labels, value in mine("ray_raydistill_train_step", name)}
     assert steps == {"0": STEPS, "1": STEPS}, steps  # every rank reached the final step

@@ -5,5 +5,5 @@
 - ``board``: a small Ray actor the workers and trial drivers post their phase and progress to (fire and
   forget), read by the terminal display; it also exports the phase series.
 - ``terminal``: the driver's progress display: a live rich display in a terminal, plain lines otherwise.
-- ``grafana``: the Grafana dashboard shipped with the package (``raydistill_dashboard.json``) and where to
+- ``grafana``: the Grafana dashboard shipped with the package (``dashboards/raydistill.json``) and where to
   install it so Ray's Grafana provisioning picks it up (``raydistill dashboard``)."""

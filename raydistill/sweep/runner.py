@@ -98,6 +98,14 @@ class SweepMonitor(_TuneCallback):
         metrics = sweep.base_config().monitoring.metrics
         self.series = SweepMetrics(sweep.spec.name, sweep.spec.metric, sweep.spec.mode, enabled=metrics)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A monitor from tuner.pkl; one pickled by an earlier raydistill lacks the fields added since."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_rows", [])
+        if "series" not in self.__dict__:
+            self.series = SweepMetrics(self.sweep.spec.name, self.sweep.spec.metric, self.sweep.spec.mode,
+                                       enabled=self.sweep.base_config().monitoring.metrics)
+
     @property
     def display(self) -> Display | None:
         return DISPLAY[-1] if DISPLAY else None
