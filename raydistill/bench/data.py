@@ -6,7 +6,9 @@ and each CPU count (1 and all of the machine's), a fresh process starts a Ray cl
 prepares the corpus from scratch (``prepare``: a Ray Data pipeline writing token shards to an empty cache)
 and trains a tiny GPT-2 pair on it for three steps, reporting:
 
-* ``tokens_per_s``: tokens packed per second of the tokenize stage (first task to last result);
+* ``tokens_per_s``: tokens packed per second of the tokenize stage (from its start, workers starting
+  included, to the last result); ``tokens_per_s_pieces``: from the first piece's start to the last one's
+  end;
 * ``prepare_s``: the whole preparation (listing, pipeline, manifest), and ``first_step_s``: from the start
   of the preparation to the first training step's metrics row (preparation, Ray Train workers, models, one
   step; Ray is already running, ``ray_start_s``);
@@ -174,10 +176,11 @@ def child_prepare(args: dict) -> dict:
             plan = prepare(cfg)
             prepare_s = round(time.perf_counter() - t0, 2)
             manifest = read_manifest(plan.blocks[0].root)
-            rates.append(round(manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"])
-                         / max(manifest["tokenize_seconds"], 1e-9))
+            made = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+            rates.append(made / max(manifest["tokenize_seconds"], 1e-9))
             if r == 0 or rates[-1] >= max(rates):
                 out["prepare_s"], best = prepare_s, manifest
+                out["tokens_per_s_pieces"] = round(made / max(manifest.get("pieces_span_seconds", 0), 1e-9))
             load.append(os.getloadavg()[0])
         manifest = best
         out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -358,8 +361,11 @@ def summarize(rows: list[dict], step: dict | None, cpus: tuple[int, ...]) -> dic
     for n in sizes:
         if (n, lo) in by and (n, hi) in by and hi > lo:
             speedup = by[(n, hi)]["tokens_per_s"] / by[(n, lo)]["tokens_per_s"]
+            # Also without the stage's start (workers starting, imports): from the first piece to the last.
+            pieces = by[(n, hi)]["tokens_per_s_pieces"] / by[(n, lo)]["tokens_per_s_pieces"]
             result["targets"][f"speedup_{_short(n)}"] = {"value": round(speedup, 3), "target": 1.7,
-                                                         "met": speedup >= 1.7}
+                                                         "met": speedup >= 1.7,
+                                                         "from_first_to_last_piece": round(pieces, 3)}
     if step:
         result["targets"]["step_ratio"] = {"value": round(step["ratio"], 4), "target": 1.02, "met": step["ratio"] <= 1.02}
     result["table"] = table(rows, step, result["targets"])
@@ -382,8 +388,10 @@ def table(rows: list[dict], step: dict | None, targets: dict) -> str:
                      f"ratio {step['ratio']:.3f} (target <= 1.02); one micro-batch: {step['batch_ms_shards']:.3f} ms "
                      f"from shards, {step['batch_ms_memory']:.3f} ms in memory")
     for name, t in targets.items():
+        extra = f"; from the first piece to the last: {t['from_first_to_last_piece']}" \
+            if "from_first_to_last_piece" in t else ""
         lines.append(f"target {name}: {t['value']} (target {'<=' if 'ratio' in name else '>='} {t['target']}): "
-                     f"{'met' if t['met'] else 'NOT met'}")
+                     f"{'met' if t['met'] else 'NOT met'}{extra}")
     return "\n".join(lines)
 
 
