@@ -302,6 +302,7 @@ def bench_data(tokens: tuple[int, ...] = (10_000_000, 100_000_000), cpus: tuple[
                     args.update(started=time.time(), repeats=1,
                                 overrides=overrides(corpus, valid, tokenizer, str(cache), again, "first-cached", 3))
                     cached = _spawn("prepare", args)
+                    shutil.rmtree(again, ignore_errors=True)
                     rows.append(row)
                     row = {"case": "cached", "corpus_mb": row["corpus_mb"], **cached}
                 rows.append(row)

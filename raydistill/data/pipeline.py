@@ -191,7 +191,10 @@ def _stream(docs: list[str], job: TokenizeJob) -> np.ndarray:
             flat.extend(doc)
             if sep is not None:
                 flat.append(sep)
-        parts.append(np.asarray(flat, dtype=job.dtype))
+        ids = np.asarray(flat, dtype=np.int64)
+        if ids.size and ids.max() > np.iinfo(job.dtype).max:  # never wrap around silently
+            raise ValueError(f"token id {int(ids.max())} does not fit the shards' {job.dtype}")
+        parts.append(ids.astype(job.dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=job.dtype)
 
 
@@ -496,7 +499,8 @@ def build(corpus: Corpus, tok: PreTrainedTokenizerBase, is_encoder: bool, root: 
     runner = corpus.session.runner(mode)
     build_id = new_build_id()
     job = TokenizeJob(pieces=corpus.pieces, assignments=assignments, tokenizer=tok, is_encoder=is_encoder,
-                      dtype=token_dtype(len(tok)).name, out=root, build=build_id)
+                      dtype=token_dtype(max(len(tok), max(tok.get_vocab().values(), default=0) + 1)).name,
+                      out=root, build=build_id)
     where = f"on Ray ({runner.cpus} CPUs, {runner.nodes} node{'s' if runner.nodes != 1 else ''})" \
         if isinstance(runner, RayRunner) else "in this process"
     print(f"[raydistill] data: packing {corpus.where} ({len(corpus.pieces)} pieces, {corpus.input_bytes / 1e6:.1f} MB) "
