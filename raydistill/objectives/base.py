@@ -34,15 +34,24 @@ class Needs:
     # Block outputs (residual stream after block l, 0-indexed) to capture on each model.
     student_layers: frozenset[int] = frozenset()
     teacher_layers: frozenset[int] = frozenset()
+    # K: the teacher's K most probable tokens per position and their log-probabilities (``Step.teacher_topk``),
+    # computed online from its logits or read from the teacher cache; 0 = not needed.
+    teacher_topk: int = 0
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.teacher_logits or other.teacher_logits, self.student_logits or other.student_logits,
                      self.student_head or other.student_head, self.student_layers | other.student_layers,
-                     self.teacher_layers | other.teacher_layers)
+                     self.teacher_layers | other.teacher_layers, max(self.teacher_topk, other.teacher_topk))
 
     @property
     def teacher(self) -> bool:
+        """The teacher must run whatever the batch carries: for its logits or its block outputs."""
         return self.teacher_logits or bool(self.teacher_layers)
+
+    def teacher_runs(self, cached_topk: bool = False) -> bool:
+        """Whether the teacher runs in a step: for ``teacher`` needs, or for the top-K signals when the batch
+        does not carry them from the cache (``cached_topk``)."""
+        return self.teacher or (self.teacher_topk > 0 and not cached_topk)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,18 @@ class ModelInfo:
     # The student config's field that transforms logits after the output head (a softcap, a scale), if any:
     # logits computed from the head's input alone would then be wrong.
     student_logit_transform: str | None = None
+
+
+@dataclass
+class TeacherTopK:
+    """The teacher's K most probable tokens per position (``objectives.teacher_signals.teacher_topk``)."""
+
+    logprobs: torch.Tensor  # B x T x K float32: log-softmax at temperature 1 over the FULL vocabulary, descending
+    ids: torch.Tensor  # B x T x K int64
+
+    def first(self, k: int) -> "TeacherTopK":
+        """The first ``k`` columns: the teacher's top k (``teacher_topk``'s order makes them exactly that)."""
+        return TeacherTopK(self.logprobs[..., :k], self.ids[..., :k])
 
 
 @dataclass
@@ -94,10 +115,22 @@ class Step:
     # batches x workers). Without them (tests, benchmarks, evaluation helpers) a step is its own batch.
     counts: dict[str, torch.Tensor] | None = None
     share: float = 1.0
+    # The teacher's top-K signals (``Needs.teacher_topk`` columns), online or from the teacher cache.
+    teacher_topk: TeacherTopK | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor:
         return self.batch["attention_mask"]
+
+    def topk(self, k: int) -> TeacherTopK:
+        """The teacher's top-``k`` signals: the first k columns of ``teacher_topk`` (which holds the largest K any
+        active objective needs), or, on a step that carries only the teacher's logits (built by hand in tests
+        and benchmarks), computed from them."""
+        if self.teacher_topk is not None:
+            return self.teacher_topk.first(k)
+        from raydistill.objectives.teacher_signals import teacher_topk
+
+        return teacher_topk(self.teacher.logits, k)
 
 
 class Objective(nn.Module, ABC):

@@ -1,18 +1,57 @@
-"""``kd``: soft-target distillation, tau^2 * KL(teacher_tau || student_tau) per position."""
+"""``kd``: soft-target distillation, tau^2 * KL(teacher_tau || student_tau) per position.
+
+``top_k: null`` (the default) compares the full-vocabulary distributions online (``soft_kl``). ``top_k: K`` is
+sparse KD: it reads only the teacher's K most probable tokens and their log-probabilities at temperature 1
+(``Step.teacher_topk``, computed online or read from the teacher cache) and compares K + 1 buckets, the top-K
+tokens and one "rest" bucket holding every other token (``sparse_kl``; equations and measured error against
+full KD in docs/objectives.md)."""
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
+from raydistill.errors import ConfigError
 from raydistill.objectives import register
-from raydistill.objectives.base import Needs, Objective, ObjectiveSettings, Step
+from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step, TeacherTopK
 from raydistill.objectives.soft_kl import soft_kl
+
+
+def sparse_kl(topk: TeacherTopK, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-position tau^2 KL(P || Q) over K + 1 buckets (B x T, float32).
+
+    With l_i the teacher's log-probabilities at temperature 1 of its top-K tokens and r = 1 - sum_i exp(l_i) the
+    mass of all other tokens (clamped at 0), the teacher's buckets are softmax([l_1/tau, ..., l_K/tau, log(r)/tau]):
+    the top-K tokens tempered exactly, the rest tempered as if it were one token. The student's buckets are exact
+    sums of its full softmax(z_S/tau): its K probabilities at the teacher's ids and the sum over all other tokens
+    (a logsumexp outside the ids, with no cancellation). At tau = 1 both bucketings are exact, so the value is the
+    KL between coarse-grained distributions, <= the full KL (data-processing inequality). At tau != 1 the
+    teacher's rest bucket is approximate: its true tempered weight sum_rest p_j^(1/tau) is >= r^(1/tau) for
+    tau > 1 (many small tokens gain more from the tempering than one token of their total mass). When the ids
+    cover the whole vocabulary there is no rest bucket and the value is full KD's."""
+    tau = temperature
+    dtype = torch.promote_types(torch.float32, student_logits.dtype)  # float64 stays float64 (gradcheck)
+    log_q = torch.log_softmax(student_logits.to(dtype) / tau, dim=-1)
+    q_top = log_q.gather(-1, topk.ids)
+    teacher = topk.logprobs.to(dtype) / tau
+    if topk.ids.size(-1) < student_logits.size(-1):
+        q_rest = log_q.scatter(-1, topk.ids, float("-inf")).logsumexp(-1, keepdim=True)
+        rest = (1.0 - topk.logprobs.to(dtype).exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        teacher, log_qb = torch.cat([teacher, rest.log() / tau], -1), torch.cat([q_top, q_rest], -1)
+    else:
+        log_qb = q_top
+    log_p = torch.log_softmax(teacher, dim=-1)
+    p = log_p.exp()
+    # Buckets the teacher gives no mass (an empty rest) contribute 0, not 0 * -inf.
+    kl = torch.where(p > 0, p * (log_p - log_qb), 0.0).sum(-1)
+    return kl * tau**2
 
 
 class KDSettings(ObjectiveSettings):
     temperature: float = Field(2.0, gt=0, description="softening temperature tau (2 in DistilBERT)")
     masked_only: bool = Field(False, description="only positions with a task label (MLM-masked tokens)")
+    top_k: int | None = Field(None, ge=1, description="sparse KD over the teacher's top-K tokens plus one bucket "
+                              "for the rest (readable from the teacher cache); null: full-vocabulary KD online")
 
 
 @register
@@ -20,7 +59,15 @@ class KDLoss(Objective):
     name = "kd"
     Settings = KDSettings
 
+    def __init__(self, settings: KDSettings, info: ModelInfo):
+        super().__init__(settings, info)
+        if settings.top_k is not None and settings.top_k > info.vocab_size:
+            raise ConfigError(f"objectives.kd.top_k: {settings.top_k} exceeds the vocabulary ({info.vocab_size} "
+                              f"tokens); allowed: 1 to {info.vocab_size}, or null for full-vocabulary KD")
+
     def needs(self) -> Needs:
+        if self.settings.top_k is not None:
+            return Needs(teacher_topk=self.settings.top_k, student_logits=True)
         return Needs(teacher_logits=True, student_logits=True)
 
     def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -28,5 +75,9 @@ class KDLoss(Objective):
         return mask & (batch["labels"] != -100) if self.settings.masked_only else mask
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        kl = soft_kl(step.teacher.logits, step.student.logits, self.settings.temperature)
+        s = self.settings
+        if s.top_k is not None:
+            kl = sparse_kl(step.topk(s.top_k), step.student.logits, s.temperature)
+        else:
+            kl = soft_kl(step.teacher.logits, step.student.logits, s.temperature)
         return {self.name: self.mean(step, kl)}

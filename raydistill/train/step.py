@@ -21,7 +21,9 @@ from torch import nn
 
 from raydistill.models.adapters import capture_block_outputs, capture_input, output_head
 from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Needs, Objective, Step
+from raydistill.objectives.teacher_signals import from_batch, teacher_topk
 
+# What the models read from a batch; other keys (labels, the teacher cache's ``teacher_topk_*``) are not theirs.
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
@@ -92,20 +94,28 @@ class DistillModule(nn.Module):
              share: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path,
                                 needs.student_logits, needs.student_head)
+        # The teacher's top-K signals from the cache when the batch carries them (then the teacher runs only for
+        # needs the cache does not cover), else online from its logits, by the same ``teacher_topk``.
+        topk = from_batch(batch, needs.teacher_topk) if needs.teacher_topk else None
         teacher_out = None
-        if needs.teacher:
+        if needs.teacher_runs(cached_topk=topk is not None):
             if teacher is None:
                 raise RuntimeError("an active objective needs the teacher, but none was given")
+            online_topk = needs.teacher_topk > 0 and topk is None
             # no_grad, not inference_mode: inference tensors would need copies (B x T x V for the logits)
             # before objectives could save them for backward, and ZeRO-3 writes to parameters in forward.
             with torch.no_grad():
                 teacher_out = run_model(teacher, batch, needs.teacher_layers, self.teacher_block_path,
-                                        needs.teacher_logits)
+                                        needs.teacher_logits or online_topk)
+            if online_topk:
+                topk = teacher_topk(teacher_out.logits, needs.teacher_topk)
+                if not needs.teacher_logits:
+                    teacher_out.logits = None  # nothing reads them: free the B x T x V tensor now
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,
                             "teacher_block_path": self.teacher_block_path, **(extras or {})},
-                    counts=counts, share=share)
+                    counts=counts, share=share, teacher_topk=topk)
         logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["input_ids"].device)
         for name, objective in objectives.items():

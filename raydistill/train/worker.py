@@ -153,7 +153,7 @@ class Worker:
     def _flops_per_token(self, module: DistillModule, teacher: torch.nn.Module | None) -> float | None:
         """The step's estimated FLOPs per token (for FLOP/s and MFU), from the models before DeepSpeed wraps them."""
         info, plan = self.plan.info, self.plan
-        teacher_runs = module.needs.teacher or any(n.teacher for n in module.stream_needs.values())
+        teacher_runs = module.needs.teacher_runs() or any(n.teacher_runs() for n in module.stream_needs.values())
         seq_len = plan.prompts.length if plan.prompts is not None else self.cfg.data.block_size
         try:
             return flops_per_token(module.student, teacher, (info.student_layers, info.teacher_layers),

@@ -1,0 +1,107 @@
+"""The teacher's top-K signals (``objectives.teacher_signals``): their definition, the canonical order that makes
+a top-K a prefix-exact source of every top-k <= K, and the training step reading them from a batch (the teacher
+cache's keys) with the same loss and gradients as computing them online, without running the teacher."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from raydistill.objectives import REGISTRY, build_objectives
+from raydistill.objectives.base import ModelInfo, Needs
+from raydistill.objectives.teacher_signals import from_batch, teacher_topk, topk_ids
+from raydistill.train.step import DistillModule
+
+V = 37
+
+
+def test_needs_take_the_largest_k_and_the_teacher_runs_only_without_a_cache():
+    needs = Needs(teacher_topk=16) | Needs(teacher_topk=64, student_logits=True) | Needs()
+    assert needs.teacher_topk == 64 and not needs.teacher
+    assert needs.teacher_runs() and not needs.teacher_runs(cached_topk=True)
+    both = needs | Needs(teacher_layers=frozenset({1}))
+    assert both.teacher and both.teacher_runs(cached_topk=True)
+
+
+def test_values_are_the_full_vocabulary_log_softmax_sorted_descending():
+    logits = torch.randn(2, 5, V, dtype=torch.float64).float() * 3
+    got = teacher_topk(logits, 8)
+    assert got.logprobs.dtype == torch.float32 and got.ids.dtype == torch.int64 and got.ids.shape == (2, 5, 8)
+    ref = torch.log_softmax(logits.double(), -1)
+    assert torch.allclose(got.logprobs.double(), ref.gather(-1, got.ids), atol=1e-6)
+    assert (got.logprobs[..., :-1] >= got.logprobs[..., 1:]).all()
+    assert torch.equal(got.ids, logits.topk(8, -1).indices)  # no ties: torch.topk's own order
+    assert teacher_topk(logits, 10 * V).ids.shape[-1] == V  # capped at the vocabulary
+
+
+def test_ties_are_broken_by_id_so_every_top_k_is_a_prefix_of_a_larger_one():
+    """bf16 logits tie often; torch.topk alone orders ties differently for different k."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 16, 3000, generator=g)).bfloat16()
+    reference = logits.float().sort(dim=-1, descending=True, stable=True).indices  # (logit desc, id asc)
+    for k, big in ((1, 16), (16, 64), (64, 256)):
+        assert torch.equal(topk_ids(logits, k), reference[..., :k])
+        assert torch.equal(teacher_topk(logits, big).ids[..., :k], teacher_topk(logits, k).ids)
+    assert topk_ids(torch.zeros(1, 1, 10), 3).tolist() == [[[0, 1, 2]]]
+    assert topk_ids(torch.tensor([[[-0.0, 0.0, -1.0, 3.0]]]), 2).tolist() == [[[3, 0]]]  # -0 == +0
+
+
+def tiny_gpt2(seed):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def kd_module(student, **settings):
+    info = ModelInfo(False, V, 2, 16, 2, 16)
+    return DistillModule(student, build_objectives({"kd": REGISTRY["kd"].Settings(**settings)}, info), info)
+
+
+def batch_of(seed=1, B=2, T=12):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, -3:] = 0
+    ids = torch.randint(V, (B, T), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
+def test_a_step_from_cached_signals_equals_the_online_step_without_the_teacher(stored):
+    teacher, batch = tiny_gpt2(0), batch_of()
+    with torch.no_grad():
+        cached = teacher_topk(teacher(input_ids=batch["input_ids"]).logits, 24)  # the cache holds K = 24 > 8
+    cached_batch = {**batch, "teacher_topk_logprobs": cached.logprobs.to(stored),
+                    "teacher_topk_ids": cached.ids.to(torch.int32)}
+    results = []
+    for b, t in ((batch, teacher), (cached_batch, None)):  # the cached step never sees a teacher
+        student = tiny_gpt2(1)
+        module = kd_module(student, top_k=8, temperature=2.0)
+        counts = module.counts(b)
+        loss, logs = module(b, t, counts=counts)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()], counts))
+    (online, g_online, c_online), (from_cache, g_cache, c_cache) = results
+    assert c_online == c_cache
+    if stored is torch.float32:  # the same values: the same loss and gradients, bit for bit
+        assert torch.equal(online, from_cache)
+        assert all(torch.equal(a, b) for a, b in zip(g_online, g_cache))
+    else:  # fp16 storage rounds the log-probabilities (relative 2^-11)
+        assert from_cache.item() == pytest.approx(online.item(), rel=1e-3)
+        diff = sum((a - b).square().sum() for a, b in zip(g_online, g_cache)).sqrt()
+        norm = sum(a.square().sum() for a in g_online).sqrt()
+        assert diff / norm < 1e-2, (diff / norm).item()
+
+
+def test_mixed_needs_run_the_teacher_for_what_is_not_cached_and_too_few_columns_are_refused():
+    teacher, batch = tiny_gpt2(0), batch_of()
+    with torch.no_grad():
+        cached = teacher_topk(teacher(input_ids=batch["input_ids"]).logits, 4)
+    cached_batch = {**batch, "teacher_topk_logprobs": cached.logprobs.half(),
+                    "teacher_topk_ids": cached.ids.int()}
+    with pytest.raises(RuntimeError, match="needs the teacher"):  # full kd needs its logits: the teacher must run
+        kd_module(tiny_gpt2(1))(cached_batch, None)
+    assert kd_module(tiny_gpt2(1))(cached_batch, teacher)[0] > 0
+    with pytest.raises(ValueError, match=r"top 4 .* need the top 8 .*teacher_cache\.top_k to at least 8"):
+        kd_module(tiny_gpt2(1), top_k=8)(cached_batch, None)
+    got = from_batch(cached_batch, 3)
+    assert got.logprobs.dtype == torch.float32 and got.ids.dtype == torch.int64 and got.ids.shape[-1] == 3
+    assert from_batch(batch, 3) is None
