@@ -4,23 +4,19 @@
   intact one, replaying the same steps; a non-finite loss stops the run at that step with the terms named and
   nothing exported; so does an exploding finite loss under ``train.divergence=stop``.
 - SIGINT on ``raydistill train``: the workers stop at once, exit 130, the message says how to resume.
-- A sweep interrupted with SIGINT, then killed with SIGKILL, then resumed: no trial starts after the signal,
-  cut-short trials are "interrupted", exit 130 with ``raydistill sweep --resume``; no finished trial ever runs
-  again; a trial whose loss goes NaN fails with that reason while the sweep goes on."""
+
+Interrupted, killed and resumed sweeps are in tests/test_e2e_sweep.py."""
 
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 
 from raydistill.config import load_config
 from raydistill.train import launcher
@@ -137,72 +133,3 @@ def test_sigint_stops_train_workers_at_once_and_exits_130(tmp_path, cache_dir):
     time.sleep(5)
     assert len(rows(run)) == at_exit
     assert int(last.split()[3].rstrip(";")) == rows(run)[-1]["step"]  # the message names the last logged step
-
-
-def sweep_file(tmp_path: Path, cache_dir: str) -> Path:
-    base = {"teacher": {"name": "tiny-gpt2"}, "student": {"num_layers": 1}, "tokenizer": {"vocab_size": 512},
-            "data": {"builtin": {"num_documents": 400}, "block_size": 32}, "cache_dir": cache_dir,
-            "objectives": {"task": {"weight": 1.0}, "kd": {"weight": 1.0}},
-            "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0, "lr_schedule": "constant",
-                      "log_every": 4, "eval_every": 4, "eval_batches": 1},
-            "scaling": {"num_workers": 1}, "ray": {"dashboard": False, "log_to_driver": False}}
-    # Grid order is fixed and trials run one at a time: two good trials, then one whose kd loss is NaN.
-    data = {"name": "s", "base": base, "storage_path": str(tmp_path / "sweeps"), "max_concurrent_trials": 1,
-            "status_every_s": 1000, "metric": "val/loss", "mode": "min", "eval": {"tasks": None},
-            "space": {"objectives.kd.temperature": {"grid": [2.0, 1.0, 1.0e20]}}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def table(directory: Path) -> pd.DataFrame:
-    path = directory / "results.csv"
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame({"status": [], "trial": []})
-
-
-def events(directory: Path) -> dict[str, list[dict]]:
-    return {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()]
-            for p in directory.glob("trial_*/trial.jsonl")}
-
-
-def test_an_interrupted_then_killed_sweep_never_reruns_a_finished_trial(tmp_path, cache_dir):
-    path = sweep_file(tmp_path, cache_dir)
-    directory = tmp_path / "sweeps" / "s"
-    finished = lambda n: lambda: (table(directory)["status"] == "finished").sum() >= n  # noqa: E731
-
-    # 1. SIGINT once the first trial has finished.
-    proc = cli("sweep", str(path))
-    wait_for(finished(1), proc, 400, "a finished trial")
-    signalled = time.time()
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 130, out[-3000:]
-    assert f"Resume with: raydistill sweep --resume {directory}" in out and "Tuner.restore" not in out, out[-3000:]
-    assert "max_concurrent_trials requires a Searcher" not in out
-    frame = table(directory)
-    assert set(frame["status"]) <= {"finished", "interrupted", "pending"}, frame.to_dict("records")
-    assert (frame["status"] == "finished").sum() == 1
-    starts = [e["time"] for evs in events(directory).values() for e in evs if e["event"] == "start"]
-    assert all(t < signalled for t in starts), "a trial started after the signal"
-
-    # 2. Resume; SIGKILL the driver once the second trial has finished (its row and end event written).
-    proc = cli("sweep", "--resume", str(directory))
-    wait_for(finished(2), proc, 400, "the second finished trial")
-    proc.kill()
-    proc.communicate(timeout=60)
-
-    # 3. Resume to the end: the NaN trial fails with its reason, the sweep goes on and ends normally.
-    proc = cli("sweep", "--resume", str(directory))
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-4000:]
-    frame = table(directory).set_index("config/objectives.kd.temperature")
-    assert frame.loc[2.0, "status"] == "finished" and frame.loc[1.0, "status"] == "finished", out[-3000:]
-    assert frame.loc[1e20, "status"] == "failed"
-    assert "non-finite loss at step 1: kd=nan" in frame.loc[1e20, "error"], frame.loc[1e20, "error"]
-    logs = events(directory)
-    for value in (2.0, 1.0):  # never run twice: one start each, the resumes only restored them
-        trial = f"trial_{frame.loc[value, 'trial']}"
-        assert [e["event"] for e in logs[trial]].count("start") == 1, logs[trial]
-    assert (directory / "best_config.yaml").is_file()
-    assert not (directory / ".interrupted").exists()
-    shutil.rmtree(tmp_path / "sweeps", ignore_errors=True)

@@ -1,9 +1,11 @@
 """Sweeps end to end on a real local Ray cluster: Tune drivers fitting TorchTrainers with DeepSpeed workers.
 
 - ASHA stops a weak trial early, the sweep finishes and no CPU stays reserved.
-- A trial with a bad value inside the space fails while the others finish; a sweep interrupted after one
-  finished trial resumes with ``--resume`` and runs only the remaining trials; that sweep's pretrained teacher is
-  scored once (teacher/bench.json, reused by the resume when written) and the report shows its row."""
+- A sweep interrupted with SIGINT, then killed with SIGKILL, then resumed: no trial starts after the signal,
+  cut-short trials are "interrupted", exit 130 with ``raydistill sweep --resume``; no finished trial ever runs
+  again; a trial with a value the config refuses and one whose loss goes NaN fail with their reasons while the
+  sweep goes on; the sweep's pretrained teacher is scored once (teacher/bench.json, reused by the resume when
+  written) and the report shows its row."""
 
 import json
 import os
@@ -52,6 +54,28 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def table(directory: Path) -> pd.DataFrame:
+    path = directory / "results.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame({"status": [], "trial": []})
+
+
+def events(directory: Path) -> dict[str, list[dict]]:
+    return {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()]
+            for p in directory.glob("trial_*/trial.jsonl")}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exited ({proc.returncode}) before {what}:\n{proc.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}:\n{proc.communicate()[0][-4000:]}")
 
 
 def starts(trial_dir: Path) -> int:
@@ -107,38 +131,52 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
         assert any(p.startswith(f"{trial}/events.out.tfevents.") for p in mine), mine
 
 
-def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cache_dir):
-    # Three trials in grid order: a good one, one whose lr the config refuses, another good one. The sweep
-    # is interrupted (SIGINT) once the first has finished; --resume must not run the first again. The teacher
-    # is pretrained briefly (cached), so the sweep also scores it once (eval.teacher, on by default).
-    path = sweep_file(tmp_path, cache_dir, space={"train.lr": {"grid": [3e-3, -1.0, 2e-3]}},
+def test_failed_trials_are_reported_and_an_interrupted_then_killed_sweep_never_reruns_a_finished_trial(
+        tmp_path, cache_dir):
+    # Four trials in grid order, one at a time: two good ones, one whose kd temperature the config refuses, one
+    # whose kd loss is NaN. The sweep is interrupted (SIGINT) once the first has finished, resumed and killed
+    # (SIGKILL) once the second has, then resumed to the end. The teacher is pretrained briefly (cached), so the
+    # sweep also scores it once (eval.teacher, on by default).
+    path = sweep_file(tmp_path, cache_dir, space={"objectives.kd.temperature": {"grid": [2.0, 1.0, -1.0, 1.0e20]}},
                       set={"teacher.pretrain": {"max_steps": 8, "lr": 3e-3, "batch_size": 8}},
                       metric="bench/builtin-ppl/perplexity", mode="min",
                       eval={"tasks": ["builtin-ppl"], "settings": {"builtin_eval_examples": 50}})
     directory = tmp_path / "sweeps" / "s"
+    finished = lambda n: lambda: (table(directory)["status"] == "finished").sum() >= n  # noqa: E731
+
+    # 1. SIGINT once the first trial has finished: exit 130, no trial starts after the signal.
     proc = cli("sweep", str(path))
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        table = directory / "results.csv"
-        if table.is_file() and (pd.read_csv(table)["status"] == "finished").sum() >= 1:
-            break
-        time.sleep(1)
-    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    wait_for(finished(1), proc, 400, "a finished trial")
+    signalled = time.time()
     proc.send_signal(signal.SIGINT)
-    first = proc.communicate(timeout=180)[0]
-    before = pd.read_csv(directory / "results.csv")
-    assert (before["status"] == "finished").sum() == 1, (before.to_dict("records"), first[-3000:])
-    done_trial = before.loc[before["status"] == "finished", "trial"].item()
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"Resume with: raydistill sweep --resume {directory}" in out and "Tuner.restore" not in out, out[-3000:]
+    assert "max_concurrent_trials requires a Searcher" not in out
+    frame = table(directory)
+    assert set(frame["status"]) <= {"finished", "interrupted", "pending"}, frame.to_dict("records")
+    assert (frame["status"] == "finished").sum() == 1
+    assert all(e["time"] < signalled for evs in events(directory).values() for e in evs if e["event"] == "start")
+
+    # 2. Resume; SIGKILL the driver once the second trial has finished (its row and end event written).
+    proc = cli("sweep", "--resume", str(directory))
+    wait_for(finished(2), proc, 400, "the second finished trial")
+    proc.kill()
+    proc.communicate(timeout=60)
     teacher_bench = directory / "teacher" / "bench.json"
     scored_before = teacher_bench.read_bytes() if teacher_bench.is_file() else None
 
-    out = finish(cli("sweep", "--resume", str(directory)))
-    frame = pd.read_csv(directory / "results.csv").set_index("config/train.lr")
-    assert frame.loc[3e-3, "status"] == "finished" and frame.loc[2e-3, "status"] == "finished", out[-3000:]
-    assert frame.loc[-1.0, "status"] == "failed" and "train.lr" in frame.loc[-1.0, "error"]
-    assert frame.loc[3e-3, "trial"] == done_trial
-    assert starts(directory / f"trial_{done_trial}") == 1  # not redone
+    # 3. Resume to the end: the refused and the NaN trial fail with their reasons, the sweep ends normally.
+    out = finish(cli("sweep", "--resume", str(directory)), timeout=600)
+    frame = table(directory).set_index("config/objectives.kd.temperature")
+    assert frame.loc[2.0, "status"] == "finished" and frame.loc[1.0, "status"] == "finished", out[-3000:]
+    assert frame.loc[-1.0, "status"] == "failed" and "objectives.kd.temperature" in frame.loc[-1.0, "error"]
+    assert frame.loc[1e20, "status"] == "failed"
+    assert "non-finite loss at step 1: kd=nan" in frame.loc[1e20, "error"], frame.loc[1e20, "error"]
+    for value in (2.0, 1.0):  # never run twice: one start each, the resumes only restored them
+        assert starts(directory / f"trial_{frame.loc[value, 'trial']}") == 1
     assert frame["bench/builtin-ppl/perplexity"].notna().sum() == 2
+    assert not (directory / ".interrupted").exists()
     # The teacher was scored once on the same task, in the trials' bench.json format; a resume reuses the scores
     # when the interrupted sweep had written them (else it scores the teacher then).
     teacher = json.loads(teacher_bench.read_text())
@@ -152,14 +190,14 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
     from raydistill.config import load_config
 
     best = load_config(directory / "best_config.yaml")
-    assert best.train.lr in (3e-3, 2e-3)
+    assert best.objectives.kd.temperature in (2.0, 1.0)
     assert (directory / "best_student" / "config.json").is_file()
     board = subprocess.run([sys.executable, "-m", "raydistill.cli", "results", str(directory)], capture_output=True,
                            text=True, timeout=120)
     assert board.returncode == 0 and board.stdout.splitlines()[3].split()[2] == "finished", board.stdout
     records = json.loads(subprocess.run([sys.executable, "-m", "raydistill.cli", "results", str(directory), "--json"],
                                         capture_output=True, text=True, timeout=120, check=True).stdout)
-    assert [r["status"] for r in records][-1] == "failed" and len(records) == 3
+    assert [r["status"] for r in records][-2:] == ["failed", "failed"] and len(records) == 4
     assert records[0]["bench/builtin-ppl/perplexity"] <= records[1]["bench/builtin-ppl/perplexity"]
     # raydistill report on this real sweep: every section, valid PNG figures, HTML that parses and opens offline
     # (rendered in headless Chromium where installed), under 30 s (checks in tests/test_report.py).
@@ -167,5 +205,5 @@ def test_failed_trial_is_reported_and_an_interrupted_sweep_resumes(tmp_path, cac
 
     report = check_report_of_sweep(directory, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "3 trials (1 failed, 2 finished)" in md and "![" in md, report["stdout"]
+    assert "4 trials (2 failed, 2 finished)" in md and "![" in md, report["stdout"]
     assert "| teacher" in md and "no teacher/bench.json" not in md, md[:3000]  # the teacher row

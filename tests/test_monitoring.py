@@ -230,3 +230,20 @@ def test_a_sweep_monitor_pickled_before_monitoring_existed_resumes(tmp_path):
     del old.__dict__["_rows"], old.__dict__["series"]  # what an earlier version's tuner.pkl holds
     restored = pickle.loads(pickle.dumps(old))
     assert restored._rows == [] and restored.series.sweep == "t" and not restored.series.enabled
+
+
+def test_ray_trains_run_view_is_on_only_where_a_dashboard_can_show_it(monkeypatch):
+    from raydistill.config import load_config
+    from raydistill.train import launcher
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launcher, "_USER_STATE_TRACKING", None)
+
+    def view(*overrides: str) -> str:
+        return launcher.worker_env(load_config(None, ["teacher.name=tiny-gpt2", *overrides]))[launcher.STATE_TRACKING]
+
+    assert view("ray.dashboard=true") == "1"
+    assert view("ray.dashboard=false") == "0"  # a local cluster without a dashboard: nothing could show it
+    assert view("ray.dashboard=false", "ray.address=10.0.0.1:6379") == "1"  # the cluster's own dashboard
+    monkeypatch.setattr(launcher, "_USER_STATE_TRACKING", "1")  # the user's choice wins
+    assert view("ray.dashboard=false") == "1"

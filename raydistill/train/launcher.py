@@ -22,10 +22,20 @@ from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
 
 RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
 STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # Ray Train's run view in the dashboard (off in Ray by default)
+_USER_STATE_TRACKING = os.environ.get(STATE_TRACKING)  # read once: later runs in this process set it per run
 
 
 class TrainingFailed(RunFailure):
     """Training did not complete (exit status 1); the message says why and what to do."""
+
+
+def state_tracking(cfg: ExperimentConfig) -> str:
+    """The user's choice if they made one, else Ray Train's run view only where a dashboard can show it: on a
+    local cluster started with ``ray.dashboard=false`` its state actor would only log failed connections."""
+    if _USER_STATE_TRACKING is not None:
+        return _USER_STATE_TRACKING
+    local = cfg.ray.address is None and os.environ.get("RAY_ADDRESS") is None
+    return "0" if local and not cfg.ray.dashboard else "1"
 
 
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -33,7 +43,7 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
            # Progress lines go straight to stdout; the print patch would log each twice.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            # Sweep trials build their trainers on the cluster: they need the run view's switch too.
-           STATE_TRACKING: os.environ.get(STATE_TRACKING, "1")}
+           STATE_TRACKING: state_tracking(cfg)}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed then uses gloo and its CPU accelerator
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -61,7 +71,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault(STATE_TRACKING, "1")  # the dashboard's Train view, unless the user chose otherwise
+    os.environ[STATE_TRACKING] = state_tracking(cfg)  # the driver creates Ray Train's controller
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
