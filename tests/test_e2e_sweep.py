@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_e2e_faults import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -64,18 +65,6 @@ def table(directory: Path) -> pd.DataFrame:
 def events(directory: Path) -> dict[str, list[dict]]:
     return {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()]
             for p in directory.glob("trial_*/trial.jsonl")}
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"exited ({proc.returncode}) before {what}:\n{proc.communicate()[0][-4000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}:\n{proc.communicate()[0][-4000:]}")
 
 
 def starts(trial_dir: Path) -> int:
