@@ -332,3 +332,24 @@ def test_the_ray_data_pipeline_packs_the_same_blocks(ray_cluster, cases):
         manifest = read_manifest(plan.blocks[0].root)
         assert manifest["pipeline"] == "ray" and manifest["nodes"] == 1
         assert batches_digest(plan.fetch_blocks(), plan.token_info, plan.cfg.train.seed) == TODAY[name]
+
+
+def test_bench_samplers_see_ray_workers_by_their_process_title_and_the_cpu_load():
+    import subprocess
+    import sys
+    import time
+
+    from raydistill.bench.data import RssSampler
+    from raydistill.bench.sweep import CpuSampler
+
+    # A process whose command line carries Ray Train's worker title, as `ps` shows a RayTrainWorker actor.
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(3)",
+                              "RayTrainWorker"])
+    try:
+        with CpuSampler() as cpu, RssSampler(every_s=0.1) as rss:
+            time.sleep(2.2)
+    finally:
+        child.kill()
+    assert rss.peaks["train_worker"] > 64 << 20 and "data_worker" not in rss.peaks, rss.peaks
+    assert len(cpu.samples) == 2 and all(0 <= s <= 100 for s in cpu.samples) and cpu.mean == round(
+        sum(cpu.samples) / 2, 1)

@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+from raydistill.bench.sampling import Sampler
+
 WARMUP = 5  # steps, and the logging window of the step rows
 PARTS = ("build", "two_node", "step")
 REPEAT_BELOW = 20_000_000  # corpora up to this many tokens are built 3 times per CPU count (the best counts)
@@ -99,35 +101,25 @@ def overrides(corpus: Path, valid: Path, tokenizer: str, cache: str, out: str, n
 
 
 # ----------------------------------------------------------------------------------------------- child processes
-class RssSampler:
+class RssSampler(Sampler):
     """Peak RSS of this machine's Ray worker processes, by what they were seen running."""
 
     def __init__(self, every_s: float = 0.2):
+        super().__init__(every_s)
         self.peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
 
-    def _run(self, every_s: float) -> None:
+    def sample(self) -> None:
         import psutil
 
-        while not self._stop.wait(every_s):
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                try:
-                    title = " ".join(p.info["cmdline"] or [])
-                    rss = p.info["memory_info"].rss
-                except (psutil.Error, TypeError, AttributeError):
-                    continue
-                for role, marker in (("train_worker", "RayTrainWorker"), ("data_worker", "MapBatches")):
-                    if marker in title:
-                        self.peaks[role] = max(self.peaks.get(role, 0), rss)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        for p in psutil.process_iter(["cmdline", "memory_info"]):
+            try:
+                title = " ".join(p.info["cmdline"] or [])
+                rss = p.info["memory_info"].rss
+            except (psutil.Error, TypeError, AttributeError):
+                continue
+            for role, marker in (("train_worker", "RayTrainWorker"), ("data_worker", "MapBatches")):
+                if marker in title:
+                    self.peaks[role] = max(self.peaks.get(role, 0), rss)
 
 
 def _first_row_time(metrics: Path, stop: threading.Event, found: list) -> None:

@@ -11,11 +11,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import yaml
+
+from raydistill.bench.sampling import Sampler
 
 LRS = (3e-3, 2e-3, 1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5)
 
@@ -32,28 +33,22 @@ def tiny_base(cache_dir: str, steps: int) -> dict:
     }
 
 
-class CpuSampler:
+class CpuSampler(Sampler):
     """Mean machine-wide CPU utilisation (%) over the sampled interval."""
 
     def __init__(self):
+        super().__init__(1.0)
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def start(self) -> None:
         import psutil
 
-        psutil.cpu_percent(None)
-        while not self._stop.wait(1.0):
-            self.samples.append(psutil.cpu_percent(None))
+        psutil.cpu_percent(None)  # the first reading only sets the reference point
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+    def sample(self) -> None:
+        import psutil
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        self.samples.append(psutil.cpu_percent(None))
 
     @property
     def mean(self) -> float:
