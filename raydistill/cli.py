@@ -177,15 +177,19 @@ _register_eval()
 @bench_app.command("iit")
 def bench_iit(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
               models: str = typer.Option("tiny-bert,tiny-gpt2,tiny-llama,bert-base", help="comma-separated"),
-              batch_size: int = typer.Option(8), steps: int = typer.Option(10),
+              batch_size: int = typer.Option(8, help="sequences per step (the main case)"),
+              seq_len: int = typer.Option(128, help="tokens per sequence (the main case)"),
+              gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="also measure 16 x 512 (GPU-sized)"),
+              steps: int = typer.Option(10),
               release_freed_memory: bool = typer.Option(
                   False, "--release-freed-memory", help="measure with glibc's default malloc (freed memory goes "
                   "back to the OS) instead of keeping it as training workers do")):
     """Step time of task+kd+cosine vs the same plus iit, side by side; ratio for the BERT-base config."""
+    from raydistill.bench.iit import GPU_SIZES
     from raydistill.bench.iit import bench_iit as run_bench
 
-    result = run_bench(models=models.split(","), batch_size=batch_size, steps=steps,
-                       keep_freed_memory=not release_freed_memory)
+    result = run_bench(models=models.split(","), batch_size=batch_size, seq_len=seq_len, steps=steps,
+                       keep_freed_memory=not release_freed_memory, extra_sizes=GPU_SIZES if gpu_sizes else ())
     typer.echo(json.dumps(result, indent=2) if as_json else json.dumps(result["rows"], indent=2))
 
 
@@ -205,12 +209,17 @@ def bench_td(as_json: bool = typer.Option(False, "--json", help="print one JSON 
              vocabs: str = typer.Option("32000,150000", help="comma-separated vocabulary sizes"),
              ks: str = typer.Option("8,64,512", help="comma-separated td top-k sizes"),
              reps: int = typer.Option(3, help="timed repetitions per variant"),
+             batch_size: int = typer.Option(4, help="sequences per step (the main case)"),
+             seq_len: int = typer.Option(128, help="tokens per sequence (the main case)"),
+             gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="also measure 16 x 512 (GPU-sized; about "
+                                            "5 GB per 150k-vocabulary logits tensor)"),
              bf16: bool = typer.Option(False, "--bf16", help="also measure the objective rows in bfloat16")):
     """Peak memory and time of td (top-k) vs full-vocabulary kd: the objective alone and a whole step."""
+    from raydistill.bench.td import GPU_SIZES
     from raydistill.bench.td import bench_td as run_bench
 
     result = run_bench(vocabs=[int(v) for v in vocabs.split(",")], ks=[int(k) for k in ks.split(",")], reps=reps,
-                       bf16=bf16)
+                       bf16=bf16, batch_size=batch_size, seq_len=seq_len, extra_sizes=GPU_SIZES if gpu_sizes else ())
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from raydistill.errors import ConfigError
 
 PRESETS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
+# train.precision -> the torch dtype DeepSpeed computes in (the models' ``torch_dtype`` names).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # ----------------------------------------------------------------------------------------------- YAML
@@ -100,6 +102,11 @@ class ModelSpec(Strict):
     block_path: str | None = Field(
         None, description="dotted path of the ModuleList of transformer blocks, for architectures raydistill "
         "does not know (e.g. 'model.layers')")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None, description="attention kernel; default: transformers' own choice (sdpa where the model has it)")
+    torch_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the weights are loaded in; default: the teacher in train.precision's dtype, the "
+        "student in float32 (DeepSpeed casts it to train.precision's)")
 
     @field_validator("name")
     @classmethod
@@ -120,6 +127,13 @@ class StudentSpec(ModelSpec):
         "uniform", description="teacher blocks copied into the student: 'uniform' (evenly spaced, first and "
         "last kept; equals DistilBERT's [0,2,4,7,9,11] for 6 of 12), 'distilbert' (the paper's table), "
         "'first', or an explicit list")
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing of the student's blocks: their activations are recomputed "
+        "in backward instead of kept (less memory, about one more forward of compute)")
+    compile: bool = Field(False, description="torch.compile each student block's forward (regional compilation; "
+                          "the objectives' block hooks stay outside the compiled code)")
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = Field(
+        "inductor", description="torch.compile backend with compile=true (aot_eager/eager: to debug compilation)")
 
     @field_validator("init_layers")
     @classmethod
@@ -558,6 +572,27 @@ class ExperimentConfig(Strict):
                 None, self.teacher.config_overrides.get("hidden_size")):
             raise ValueError("student.init 'teacher' copies teacher weights, so the student cannot change "
                              "hidden_size; use student.init=random")
+        return self
+
+    @model_validator(mode="after")
+    def _model_options(self):
+        # DeepSpeed casts the trained module to train.precision's dtype (bf16/fp16 keeping fp32 master weights in
+        # the optimizer) and a ZeRO-3-sharded teacher too: a dtype that differs there would not be what runs.
+        want = PRECISION_DTYPES[self.train.precision]
+        if self.student.torch_dtype not in (None, want):
+            raise ValueError(f"student.torch_dtype {self.student.torch_dtype!r} contradicts train.precision "
+                             f"{self.train.precision!r}: DeepSpeed trains the student in train.precision's dtype "
+                             f"(half precisions with float32 master weights); allowed: {want!r} or unset (set the "
+                             "training precision with train.precision)")
+        sharded = self.deepspeed.zero_stage == 3 and self.deepspeed.shard_teacher
+        if sharded and self.teacher.torch_dtype not in (None, want):
+            raise ValueError(f"teacher.torch_dtype {self.teacher.torch_dtype!r}: a teacher sharded by ZeRO-3 "
+                             f"(deepspeed.shard_teacher) runs in train.precision's dtype {want!r}; allowed: {want!r} "
+                             "or unset, or deepspeed.shard_teacher=false")
+        if self.student.compile and self.deepspeed.zero_stage == 3:
+            raise ValueError("student.compile true with deepspeed.zero_stage 3: ZeRO-3 gathers and frees each "
+                             "block's parameters around its forward, which compiled graphs do not follow; allowed: "
+                             "compile=false, or zero_stage 0-2")
         return self
 
     def active_objectives(self) -> dict[str, Any]:

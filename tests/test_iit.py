@@ -481,5 +481,9 @@ def test_bench_times_both_variants_on_the_same_models():
         # Counted FLOPs: the lower pair repeats more blocks; iit adds work but less than a second step.
         low, high = (row["by_pair"][k]["flop_ratio"] for k in ("t0_1-s0", "t2_3-s1"))
         assert 1 < high < low < 2 and row["flop_ratio"] == pytest.approx((low + high) / 2, abs=1e-3)
-    every = bench_iit(["tiny-gpt2"], batch_size=2, seq_len=16, steps=1, warmup=0, device="cpu", pair_sampling="all")
+    every = bench_iit(["tiny-gpt2"], batch_size=2, seq_len=16, steps=1, warmup=0, device="cpu", pair_sampling="all",
+                      extra_sizes=[(3, 8)])
     assert list(every["rows"][0]["by_pair"]) == ["all"]
+    # An extra size adds its own rows; the top-level figures stay the main size's.
+    assert [(r["batch_size"], r["seq_len"]) for r in every["rows"]] == [(2, 16), (3, 8)]
+    assert list(every["by_size"]) == ["2x16", "3x8"] and every["seq_len"] == 16

@@ -703,12 +703,20 @@ def test_encoders_are_refused_before_ray(cache_dir):
 def test_bench_td_smoke():
     from raydistill.bench.td import bench_td
 
-    r = bench_td(vocabs=(2000,), ks=(8,), ratio_k=8, batch_size=4, seq_len=64, reps=1, bf16=False)
+    r = bench_td(vocabs=(2000,), ks=(8,), ratio_k=8, batch_size=4, seq_len=64, reps=1, bf16=False,
+                 extra_sizes=[(2, 16)])
     for key in ("memory_ratio", "memory_ratio_dtype", "step_ratio", "dtype", "device", "rows", "memory_ratios"):
         assert key in r
     assert r["memory_ratio"] > 0 and r["step_ratio"] > 0 and r["memory_ratio_dtype"] == "float32"
-    assert {(row["what"], row["objective"]) for row in r["rows"]} == {
-        ("objective", "kd"), ("objective", "td"), ("objective", "td-logits"), ("step", "kd"), ("step", "td")}
+    kinds = {("objective", "kd"), ("objective", "td"), ("objective", "td-logits"), ("step", "kd"), ("step", "td")}
+    # Every row at each size; the top-level ratios are the main size's (4 x 64), the extra one's in by_size.
+    for b, t in ((4, 64), (2, 16)):
+        assert {(row["what"], row["objective"]) for row in r["rows"] if (row["batch_size"], row["seq_len"]) == (b, t)
+                } == kinds
+    assert list(r["by_size"]) == ["4x64", "2x16"] and (r["batch_size"], r["seq_len"]) == (4, 64)
+    assert r["by_size"]["4x64"]["memory_ratio"] == r["memory_ratio"]
+    assert r["by_size"]["4x64"]["step_ratio"] == r["step_ratio"]
+    assert r["by_size"]["2x16"]["memory_ratio"] > 0 and "2x16" in r["table"]
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])

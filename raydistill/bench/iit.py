@@ -22,6 +22,10 @@ Host memory is kept as training workers keep it (``scaling.keep_freed_host_memor
 glibc's defaults instead, where each step faults its freed B x T x V tensors back in, which costs the IIT
 step (more such tensors) more than the standard one. The setting lasts for the process, so a run measures
 one setting.
+
+Sizes: the default case is 8 sequences of 128 tokens (CPU-sized); ``--batch-size`` / ``--seq-len`` change it and
+``--gpu-sizes`` adds the GPU-sized case 16 x 512 (rows carry their ``batch_size`` and ``seq_len``; ``by_size``
+has each size's ratios, the top-level ``ratio`` stays the default case's).
 """
 
 from __future__ import annotations
@@ -147,21 +151,34 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
                               "flop_ratio": round(flops[key] / standard_flops, 4)} for key, t in per_variant.items()}}
 
 
+# The issue's GPU case (``--gpu-sizes``): 16 sequences of 512 tokens.
+GPU_SIZES = ((16, 512),)
+
+
 def bench_iit(models: tuple[str, ...] | list[str] = BENCH_MODELS, *, batch_size: int = 8, seq_len: int = 128,
               steps: int = 10, warmup: int = 2, device: str | None = None, seed: int = 0,
-              alignment: str = "full", pair_sampling: str = "uniform_one", keep_freed_memory: bool = True) -> dict:
+              alignment: str = "full", pair_sampling: str = "uniform_one", keep_freed_memory: bool = True,
+              extra_sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()) -> dict:
     """Measure the variants for each model; ``ratio`` is iit / standard step time for ``bert-base``
-    (None when it is not among ``models``), ``rows`` has every model's times (and each pair's)."""
+    (None when it is not among ``models``) at ``batch_size`` x ``seq_len``, ``rows`` has every model's times
+    (and each pair's). ``extra_sizes`` (batch, seq_len) pairs add rows and their ratios under ``by_size``."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kept = keep_freed_memory and keep_freed_host_memory()
     iit_settings = IITSettings(alignment=alignment, pair_sampling=pair_sampling)
-    rows = [_bench_model(name, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, device=dev,
-                         seed=seed, iit_settings=iit_settings) for name in models]
-    ratio_row = next((r for r in rows if r["model"] == RATIO_MODEL), {})
+    sizes = list(dict.fromkeys([(batch_size, seq_len), *((int(b), int(t)) for b, t in extra_sizes)]))
+    rows, by_size = [], {}
+    for b, t in sizes:
+        mine = [{**_bench_model(name, batch_size=b, seq_len=t, steps=steps, warmup=warmup, device=dev, seed=seed,
+                                iit_settings=iit_settings), "batch_size": b, "seq_len": t} for name in models]
+        ratio_row = next((r for r in mine if r["model"] == RATIO_MODEL), {})
+        by_size[f"{b}x{t}"] = {"batch_size": b, "seq_len": t, "ratio": ratio_row.get("ratio"),
+                               "flop_ratio": ratio_row.get("flop_ratio")}
+        rows += mine
+    main = by_size[f"{batch_size}x{seq_len}"]
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
-    return {"ratio": ratio_row.get("ratio"), "flop_ratio": ratio_row.get("flop_ratio"), "ratio_model": RATIO_MODEL,
+    return {"ratio": main["ratio"], "flop_ratio": main["flop_ratio"], "ratio_model": RATIO_MODEL,
             "target": 1.6, "device": where, "host_memory": "kept" if kept else "released (glibc default)",
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
             "objectives": {"standard": list(STANDARD), "iit": [*STANDARD, "iit"]},
-            "iit": {"alignment": alignment, "pair_sampling": pair_sampling}, "rows": rows}
+            "iit": {"alignment": alignment, "pair_sampling": pair_sampling}, "by_size": by_size, "rows": rows}

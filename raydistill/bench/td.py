@@ -39,6 +39,10 @@ Time. All variants of one (vocabulary, dtype) run in one more fresh process, alt
 repetition with the order flipped each time (so drift in the load of a shared machine hits every variant
 alike), after one warm-up round; times are medians.
 
+Sizes. The default case is 4 sequences of 128 tokens (CPU-sized); ``--batch-size`` / ``--seq-len`` change it
+and ``--gpu-sizes`` adds the GPU-sized case 16 x 512 (every row of every size; rows carry their ``batch_size``
+and ``seq_len``, ``by_size`` has each size's ratios and the top-level ones stay the default case's).
+
 ``memory_ratio`` is td (k = ``ratio_k``) over kd for the largest vocabulary, in float32 (``--bf16`` measures the
 objective rows in bfloat16 too, one ratio per dtype in ``memory_ratios``). ``step_ratio`` is the td step time
 over the kd step time for the same vocabulary, in float32.
@@ -325,46 +329,67 @@ def _table(rows: list[dict]) -> str:
     def num(value, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    lines = [f"{'what':<10}{'vocab':>8}{'dtype':>10}{'objective':>11}{'k':>6}{'peak MiB':>11}"
+    lines = [f"{'what':<10}{'B x T':>10}{'vocab':>8}{'dtype':>10}{'objective':>11}{'k':>6}{'peak MiB':>11}"
              f"{'time ms':>10}{'mem/kd':>8}{'time/kd':>9}"]
     for r in rows:
-        lines.append(f"{r['what']:<10}{r['vocab']:>8}{r['dtype']:>10}{r['objective']:>11}{r['k'] or '-':>6}"
-                     f"{r['peak_mib']:>11.1f}{r['time_ms']:>10.1f}"
+        lines.append(f"{r['what']:<10}{_size(r['batch_size'], r['seq_len']):>10}{r['vocab']:>8}{r['dtype']:>10}"
+                     f"{r['objective']:>11}{r['k'] or '-':>6}{r['peak_mib']:>11.1f}{r['time_ms']:>10.1f}"
                      f"{num(r.get('memory_vs_kd'), '.3f'):>8}{num(r.get('time_vs_kd'), '.3f'):>9}")
     return "\n".join(lines)
 
 
+def _size(batch_size: int, seq_len: int) -> str:
+    return f"{batch_size}x{seq_len}"
+
+
+# The issue's GPU case (``--gpu-sizes``): 16 sequences of 512 tokens; on CPU its 150k-vocabulary logits need
+# about 5 GB each.
+GPU_SIZES = ((16, 512),)
+
+
 def bench_td(vocabs: tuple[int, ...] | list[int] = (32_000, 150_000), ks: tuple[int, ...] | list[int] = (8, 64, 512),
              *, ratio_k: int = 64, batch_size: int = 4, seq_len: int = 128, reps: int = 3,
-             bf16: bool = False, device: str | None = None) -> dict:
+             bf16: bool = False, device: str | None = None,
+             extra_sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()) -> dict:
     """Measure every row, each memory figure in its own process. ``bf16``: also measure the objective rows
-    in bfloat16."""
+    in bfloat16. The top-level ratios are those of ``batch_size`` x ``seq_len``; ``extra_sizes`` (batch,
+    seq_len) pairs add their rows and their ratios under ``by_size``."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ks = sorted({*ks, ratio_k})
     ratio_vocab = max(vocabs)
-    common = {"device": dev, "threads": torch.get_num_threads(), "batch_size": batch_size, "seq_len": seq_len,
-              "reps": reps}
     objectives = [("kd", None), *(("td", k) for k in ks), ("td-logits", ratio_k)]
     dtypes = ["float32", "bfloat16"] if bf16 else ["float32"]
+    sizes = list(dict.fromkeys([(batch_size, seq_len), *((int(b), int(t)) for b, t in extra_sizes)]))
     rows: list[dict] = []
-    for dtype in dtypes:
+    by_size: dict[str, dict] = {}
+    for b, t in sizes:
+        common = {"device": dev, "threads": torch.get_num_threads(), "batch_size": b, "seq_len": t, "reps": reps}
+        mine: list[dict] = []
+        for dtype in dtypes:
+            for vocab in vocabs:
+                mine += _rows(common, "objective", vocab, dtype, objectives)
         for vocab in vocabs:
-            rows += _rows(common, "objective", vocab, dtype, objectives)
-    ratio_rows = {d: _find(rows, what="objective", vocab=ratio_vocab, dtype=d, objective="td", k=ratio_k)
-                  for d in dtypes}
-    for vocab in vocabs:
-        rows += _rows(common, "step", vocab, "float32", [("kd", None), ("td", ratio_k)])
-    step = _find(rows, what="step", vocab=ratio_vocab, objective="td")
+            mine += _rows(common, "step", vocab, "float32", [("kd", None), ("td", ratio_k)])
+        for row in mine:
+            row.update(batch_size=b, seq_len=t)
+        ratio_rows = {d: _find(mine, what="objective", vocab=ratio_vocab, dtype=d, objective="td", k=ratio_k)
+                      for d in dtypes}
+        step = _find(mine, what="step", vocab=ratio_vocab, objective="td")
+        by_size[_size(b, t)] = {"batch_size": b, "seq_len": t, "memory_ratio": ratio_rows["float32"]["memory_vs_kd"],
+                                "memory_ratios": {d: r["memory_vs_kd"] for d, r in ratio_rows.items()},
+                                "step_ratio": step["time_vs_kd"], "step_memory_ratio": step["memory_vs_kd"]}
+        rows += mine
+    main = by_size[_size(batch_size, seq_len)]
     where = (torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda")
              else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
-    return {"memory_ratio": ratio_rows["float32"]["memory_vs_kd"], "memory_ratio_dtype": "float32",
-            "memory_target": MEMORY_TARGET, "memory_ratios": {d: r["memory_vs_kd"] for d, r in ratio_rows.items()},
+    return {"memory_ratio": main["memory_ratio"], "memory_ratio_dtype": "float32",
+            "memory_target": MEMORY_TARGET, "memory_ratios": main["memory_ratios"],
             "memory_ratio_of": f"td (top_k, k={ratio_k}) / kd, objective forward+backward from the student's "
                                f"hidden state and head, vocab {ratio_vocab}",
-            "step_ratio": step["time_vs_kd"], "step_ratio_dtype": "float32", "step_target": STEP_TARGET,
+            "step_ratio": main["step_ratio"], "step_ratio_dtype": "float32", "step_target": STEP_TARGET,
             "step_ratio_of": f"td (k={ratio_k}) / kd training step time, vocab {ratio_vocab}",
-            "step_memory_ratio": step["memory_vs_kd"], "dtype": "float32", "dtypes": dtypes,
+            "step_memory_ratio": main["step_memory_ratio"], "dtype": "float32", "dtypes": dtypes,
             "device": where, "memory_method": "cuda max_memory_allocated delta" if dev.startswith("cuda") else
             "fresh process per row; VmHWM after a clear_refs reset minus VmRSS at the baseline",
             "batch_size": batch_size, "seq_len": seq_len, "reps": reps, "vocabs": list(vocabs), "ks": ks,
-            "rows": rows, "table": _table(rows)}
+            "by_size": by_size, "rows": rows, "table": _table(rows)}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from raydistill.config import PRESETS, ExperimentConfig, ModelSpec
+from raydistill.config import PRECISION_DTYPES, PRESETS, ExperimentConfig, ModelSpec, StudentSpec
 from raydistill.errors import ConfigError
 from raydistill.models.adapters import find_blocks, hidden_size, num_layers, set_num_layers
 from raydistill.models.presets import preset_config
@@ -127,11 +130,103 @@ def model_class(config: PretrainedConfig):
     return AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
 
 
-def build_model(config: PretrainedConfig, source: str | None = None, revision: str | None = None) -> PreTrainedModel:
-    """Random init from ``config`` (source None) or pretrained weights from a directory or hub id."""
+# --------------------------------------------------------------------------------------------- model options
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (4.56).
+_DTYPE_KW = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+# attn_implementation -> (the model-class flags saying it is supported, the package it needs)
+_ATTENTION = {"sdpa": (("_supports_sdpa",), None),
+              "flash_attention_2": (("_supports_flash_attn", "_supports_flash_attn_2"), "flash_attn"),
+              "eager": ((), None)}
+
+
+def load_options(spec: ModelSpec | None, dtype: bool = True) -> dict:
+    """from_config / from_pretrained keyword arguments of a model section's options (unset: transformers')."""
+    kwargs: dict = {}
+    if spec is not None and spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if dtype and spec is not None and spec.torch_dtype is not None:
+        kwargs[_DTYPE_KW] = DTYPES[spec.torch_dtype]
+    return kwargs
+
+
+def check_attention(config: PretrainedConfig, spec: ModelSpec, where: str) -> None:
+    """``{where}.attn_implementation`` is one this model class supports and whose package is installed here
+    (the driver; the workers' transformers checks again when it loads the model)."""
+    name = spec.attn_implementation
+    if name is None:
+        return
+    flags, package = _ATTENTION[name]
+    cls = model_class(config)._model_mapping.get(type(config), None)
+    if cls is not None and flags and not any(getattr(cls, f, False) for f in flags):
+        supported = [k for k, (fl, _) in _ATTENTION.items() if not fl or any(getattr(cls, f, False) for f in fl)]
+        raise ConfigError(f"{where}.attn_implementation: {cls.__name__} does not support {name!r}; allowed: "
+                          f"{', '.join(supported)} (or unset: transformers' default)")
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{where}.attn_implementation {name!r} needs the {package!r} package, which is not "
+                          f"installed (pip install flash-attn, on CUDA machines); allowed here: sdpa, eager (or "
+                          "unset: transformers' default)")
+
+
+def teacher_dtype(cfg: ExperimentConfig) -> torch.dtype | None:
+    """The dtype the teacher runs in: teacher.torch_dtype, else train.precision's (None: leave as loaded)."""
+    if cfg.teacher.torch_dtype is not None:
+        return DTYPES[cfg.teacher.torch_dtype]
+    return None if cfg.train.precision == "fp32" else DTYPES[PRECISION_DTYPES[cfg.train.precision]]
+
+
+def build_model(config: PretrainedConfig, source: str | None = None, revision: str | None = None,
+                spec: ModelSpec | None = None, dtype: bool = True) -> PreTrainedModel:
+    """Random init from ``config`` (source None) or pretrained weights from a directory or hub id, with the
+    attention kernel and (``dtype``) the weights' dtype of the model section ``spec``."""
+    kwargs = load_options(spec, dtype)
+    if kwargs:  # transformers records the kernel and dtype on the config: keep the caller's as it was
+        config = copy.deepcopy(config)
     if source is None:
-        return model_class(config).from_config(config)
-    return model_class(config).from_pretrained(source, config=config, revision=revision)
+        return model_class(config).from_config(config, **kwargs)
+    return model_class(config).from_pretrained(source, config=config, revision=revision, **kwargs)
+
+
+def prepare_student(student: PreTrainedModel, spec: StudentSpec, block_path: str | None = None) -> PreTrainedModel:
+    """Activation checkpointing and torch.compile of the student's blocks, as ``spec`` asks (in place).
+
+    Checkpointing is transformers' own (non-reentrant); raydistill's objectives read and write block outputs in
+    forward hooks, which must run once, outside the checkpointed code: otherwise a hook that writes a block's
+    output (an interchange intervention) would be absent, or different, when backward recomputes the block after
+    the hook's context has exited. Compilation is regional for the same reason: each block's ``forward`` is
+    compiled, and the module hooks around it run eagerly."""
+    if spec.gradient_checkpointing:
+        _, blocks = find_blocks(student, block_path)
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"student.gradient_checkpointing: {type(student).__name__} does not support "
+                              "activation checkpointing; allowed: false")
+        if not all(_checkpoints_forward(b) for b in blocks):
+            raise ConfigError(
+                "student.gradient_checkpointing: the installed transformers " + transformers.__version__ +
+                f" checkpoints whole {type(blocks[0]).__name__} calls, hooks included, so raydistill's block hooks "
+                "would not be replayed when backward recomputes a block; allowed: false, or a transformers that "
+                "checkpoints the blocks' forward (5.x)")
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if spec.compile:
+        _, blocks = find_blocks(student, block_path)
+        for block in blocks:
+            block.forward = torch.compile(block.forward, backend=spec.compile_backend)
+    return student
+
+
+def _checkpoints_forward(block: torch.nn.Module) -> bool:
+    """Whether transformers checkpoints this block's ``forward`` (its module hooks then run outside)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    # transformers 4.x's layers checkpointed ``__call__`` (hooks inside); 5.x wraps ``forward`` and keeps ``__call__``.
+    return (isinstance(block, GradientCheckpointingLayer) and hasattr(type(block).forward, "__wrapped__")
+            and type(block).__call__ is torch.nn.Module.__call__)
 
 
 def teacher_init_sources(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int],

@@ -293,12 +293,14 @@ def build_on_meta(config: PretrainedConfig, spec: ModelSpec, where: str):
 def check_models(cfg: ExperimentConfig, mode: str = "distill") -> None:
     """Shapes, before the tokenizer: configs built with a stand-in vocabulary."""
     from raydistill.models.adapters import hidden_size, num_layers
-    from raydistill.models.loading import model_config, model_info, student_config, teacher_layer_map
+    from raydistill.models.loading import (check_attention, model_config, model_info, prepare_student,
+                                           student_config, teacher_layer_map)
     from raydistill.objectives import build_objectives
 
     vocab = _Vocab(cfg.tokenizer.vocab_size)
     teacher_cfg = model_config(cfg.teacher, vocab)
     check_heads(teacher_cfg, cfg.teacher, "teacher")
+    check_attention(teacher_cfg, cfg.teacher, "teacher")
     if mode != "distill":
         check_positions(cfg, {"teacher": teacher_cfg})
         if cfg.teacher.config_overrides:
@@ -306,6 +308,7 @@ def check_models(cfg: ExperimentConfig, mode: str = "distill") -> None:
         return
     student_cfg = student_config(cfg, teacher_cfg, vocab)
     check_heads(student_cfg, cfg.student, "student")
+    check_attention(student_cfg, cfg.student, "student")
     check_positions(cfg, {"teacher": teacher_cfg, "student": student_cfg})
     if cfg.student.init == "teacher":
         t_width, s_width = hidden_size(teacher_cfg), hidden_size(student_cfg)
@@ -321,6 +324,9 @@ def check_models(cfg: ExperimentConfig, mode: str = "distill") -> None:
         for name in cfg.streams:
             build_objectives(cfg.stream_objectives(name), info)
     student = build_on_meta(student_cfg, cfg.student, "student")
+    if cfg.student.gradient_checkpointing:  # refused here, before Ray, when the student cannot checkpoint safely
+        prepare_student(student, cfg.student.model_copy(update={"compile": False}),
+                        cfg.student.block_path or cfg.teacher.block_path)
     if cfg.student.init == "teacher":
         from raydistill.models.loading import teacher_init_sources
 

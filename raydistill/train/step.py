@@ -35,7 +35,11 @@ def run_model(model: nn.Module, batch: dict[str, torch.Tensor], layers, block_pa
     with capture_block_outputs(model, layers, block_path) as hidden, ExitStack() as stack:
         # Without ``logits`` the head is handed zero positions: the B x T x V projection never runs.
         captured = stack.enter_context(capture_input(head_module, keep=logits)) if head_module is not None else {}
-        out = model(**{k: batch[k] for k in MODEL_INPUTS})
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            # No KV cache: nothing is generated, and with a cache compiled blocks recompile per layer index.
+            inputs["use_cache"] = False
+        out = model(**inputs)
     return ForwardResult(logits=out.logits if logits else None, hidden=dict(hidden),
                          head=HeadInput(captured["hidden"], head_module) if head else None)
 

@@ -26,11 +26,13 @@ import torch.distributed as dist
 
 from raydistill.data.blocks import BatchSampler
 from raydistill.data.prompts import ResponseSampler, Sequences, batch_prompts, build_sequences, rows_to_batch
+from raydistill.errors import ConfigError
 from raydistill.fsutil import normalise_modes, swap_dir, write_atomic, write_text_atomic
 from raydistill.generation import (GenerationCache, generate_responses, generation_key, model_identity,
                                    on_policy_draw, padded_shard)
 from raydistill.models.adapters import eval_mode
-from raydistill.models.loading import build_model, init_from_teacher, save_pretrained
+from raydistill.models.loading import (build_model, init_from_teacher, prepare_student, save_pretrained,
+                                       teacher_dtype)
 from raydistill.monitoring import board as phases
 from raydistill.monitoring.board import Monitor
 from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token
@@ -99,16 +101,22 @@ class Worker:
         teacher, student, error = None, None, None
         try:
             if plan.teacher_config is not None:  # distillation (a preset teacher has no source: random init)
-                teacher = self._load("teacher", plan.teacher_config, plan.teacher_source, plan.teacher_revision)
+                teacher = self._load("teacher", plan.teacher_config, plan.teacher_source, plan.teacher_revision,
+                                     cfg.teacher)
                 teacher.requires_grad_(False).eval()
-            student = self._load("student", plan.student_config, plan.student_source, plan.student_revision)
+            # Teacher mode trains the teacher: its section's attention kernel, its dtype from train.precision.
+            trained = cfg.teacher if plan.mode == "teacher" else cfg.student
+            student = self._load("student", plan.student_config, plan.student_source, plan.student_revision,
+                                 trained, dtype=plan.mode != "teacher")
             if plan.init_layers is not None:
                 init_from_teacher(student, teacher, plan.init_layers, plan.block_paths[0])
-        except RunFailure as e:
-            error = e.message
+            if plan.mode != "teacher":
+                prepare_student(student, cfg.student, plan.block_paths[0])
+        except (RunFailure, ConfigError) as e:
+            error = e.message if isinstance(e, RunFailure) else str(e)
         self._agree(error)  # every rank stops together (a rank alone would hang in DeepSpeed's collectives)
-        if cfg.train.precision != "fp32" and teacher is not None:
-            teacher.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+        if teacher is not None and teacher_dtype(cfg) is not None:
+            teacher.to(teacher_dtype(cfg))
 
         objectives = build_objectives(plan.objectives, plan.info)
         streams = {name: build_objectives(stream.objectives, plan.info) for name, stream in plan.streams.items()}
@@ -162,12 +170,15 @@ class Worker:
             return None
 
     @staticmethod
-    def _load(role: str, config, source: str | None, revision: str | None) -> torch.nn.Module:
+    def _load(role: str, config, source: str | None, revision: str | None, spec=None,
+              dtype: bool = True) -> torch.nn.Module:
         """``build_model``, with a weight file that does not load named in one line."""
         try:
-            return build_model(config, source, revision)
+            return build_model(config, source, revision, spec, dtype)
         except Exception as e:  # noqa: BLE001 - the cause is named in the message
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if spec is not None and spec.attn_implementation is not None and "ttention" in first:
+                raise RunFailure(f"{role}.attn_implementation {spec.attn_implementation!r}: {first[:300]}") from None
             where = f"{role} weights in {source}" if source else f"{role} ({role} preset)"
             files = sorted(p.name for p in Path(source).glob("*.safetensors")) + sorted(
                 p.name for p in Path(source).glob("*.bin")) if source and Path(source).is_dir() else []
