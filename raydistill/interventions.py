@@ -9,10 +9,11 @@ replaces exactly what block l produced.
 
 Hooks and block swaps only touch activations and module slots, never parameters, so they work when
 ZeRO-3 partitions the parameters (its own hooks gather them when a block is called); they are undone on
-exit, also when the forward raises. Writing hooks must not be used on a model trained with activation
-(gradient) checkpointing: the recomputation in backward runs after the hooks are gone. Stand-ins are
-outside the checkpointed blocks, so a resumed counterfactual (whose single student write is the resume
-point) is unaffected.
+exit, also when the forward raises. With activation checkpointing, hooks must run outside the checkpointed
+code, or backward would recompute a block without its (removed) writing hook: ``student.gradient_checkpointing``
+(``raydistill.models.loading.prepare_student``) uses transformers' checkpointing of each block's ``forward``,
+which leaves module hooks outside, and refuses versions that checkpoint whole block calls. Stand-ins are plain
+modules, never checkpointed.
 
 Besides hooks, two cost savers swap blocks for parameter-free stand-ins for one run (always restored):
 ``resume_from`` (a counterfactual run equals the base run below the lowest intervened layer, so it can
