@@ -110,6 +110,10 @@ def test_pretrained_teacher_cache_key_follows_the_masking_rate(tmp_path):
     same = pretrained_teacher_dir(load_config(None, base), tok)
     assert pretrained_teacher_dir(load_config(None, base), tok) == same
     assert pretrained_teacher_dir(load_config(None, [*base, "data.mlm_probability=0.4"]), tok) != same
+    # The dtype the teacher is loaded in to distil does not change how it was pretrained; the attention kernel
+    # (its numerics) does.
+    assert pretrained_teacher_dir(load_config(None, [*base, "teacher.torch_dtype=bfloat16"]), tok) == same
+    assert pretrained_teacher_dir(load_config(None, [*base, "teacher.attn_implementation=eager"]), tok) != same
 
 
 def test_yaml_numbers_as_users_write_them(tmp_path):

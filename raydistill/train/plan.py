@@ -131,7 +131,12 @@ def pretrained_teacher_dir(cfg: ExperimentConfig, tok: PreTrainedTokenizerBase) 
     """Where a teacher pretrained by raydistill for this (model, pretrain, data, tokenizer) is cached."""
     from raydistill.data.pipeline import tokenizer_fingerprint
 
-    key = json.dumps({"teacher": cfg.teacher.model_dump(mode="json"), "data": data_key(cfg.data),
+    # The teacher trains in train.precision whatever its torch_dtype (read when it is loaded to distil), and an
+    # unset attention kernel leaves the key of teachers cached before the option existed.
+    teacher = cfg.teacher.model_dump(mode="json", exclude={"torch_dtype"})
+    if teacher["attn_implementation"] is None:
+        del teacher["attn_implementation"]
+    key = json.dumps({"teacher": teacher, "data": data_key(cfg.data),
                       "block": cfg.data.block_size, "mlm": cfg.data.mlm_probability, "tok": tokenizer_fingerprint(tok),
                       "workers": cfg.scaling.num_workers, "seed": cfg.train.seed}, sort_keys=True)
     return Path(cfg.cache_dir) / "teachers" / hashlib.sha256(key.encode()).hexdigest()[:16]
