@@ -78,10 +78,13 @@ def generate_responses(model: nn.Module, prompts: list[np.ndarray], *, pad_id: i
 
 # ----------------------------------------------------------------------------------------------- cache key
 def model_identity(source: str | None, revision: str | None, config_json: str, seed: int,
-                   precision: str) -> dict[str, Any]:
+                   precision: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What identifies a model's weights without reading them: a local directory's weight files (name,
-    size, mtime), a hub id and revision, or (no source: random init) its config and the init seed."""
+    size, mtime), a hub id and revision, or (no source: random init) its config and the init seed; with the
+    model options that change its outputs (``options``: torch_dtype, attn_implementation; unset ones leave the
+    identity as it was before these options existed)."""
     ident: dict[str, Any] = {"precision": precision}
+    ident.update({k: v for k, v in (options or {}).items() if v is not None})
     if source is None:
         ident.update(random_init=hashlib.sha256(config_json.encode()).hexdigest()[:16], seed=seed)
     elif Path(source).is_dir():

@@ -157,6 +157,11 @@ def test_cache_key_covers_teacher_prompts_tokenizer_and_settings(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"y" * 11)
     assert model_identity(str(tmp_path), None, "{}", 0, "fp32") != before
     assert model_identity(None, None, "{}", 0, "fp32") != model_identity(None, None, "{}", 1, "fp32")
+    # A teacher dtype or attention kernel changes the samples; unset options keep the identity from before them.
+    plain = model_identity(None, None, "{}", 0, "fp32")
+    assert model_identity(None, None, "{}", 0, "fp32", {"torch_dtype": None, "attn_implementation": None}) == plain
+    assert model_identity(None, None, "{}", 0, "fp32", {"torch_dtype": "bfloat16"}) != plain
+    assert model_identity(None, None, "{}", 0, "fp32", {"attn_implementation": "eager"}) != plain
     assert model_identity("org/model", "main", "{}", 0, "bf16") != model_identity("org/model", "main", "{}", 0, "fp32")
 
 

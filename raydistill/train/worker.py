@@ -221,7 +221,8 @@ class Worker:
         gen = spec.generation
         kwargs = gen.generate_kwargs(spec.max_response_tokens)
         identity = model_identity(plan.teacher_source, plan.teacher_revision, plan.teacher_config.to_json_string(),
-                                  cfg.train.seed, cfg.train.precision)
+                                  cfg.train.seed, cfg.train.precision,
+                                  cfg.teacher.model_dump(include={"torch_dtype", "attn_implementation"}))
         key = generation_key(identity, prompts.train.digest(), prompts.tokenizer_fingerprint,
                              {**kwargs, "num_samples": gen.num_samples, "seed": gen.seed})
         cache = GenerationCache(cfg.cache_dir)
