@@ -204,6 +204,36 @@ def bench_overhead(as_json: bool = typer.Option(False, "--json", help="print one
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench_app.command("throughput")
+def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                     preset: str = typer.Option("cpu", help="cpu (tiny GPT-2, ~1 min on 2 cores) or gpt2-medium "
+                                                "(GPT-2-medium-sized teacher -> 12 blocks, 16x512, bf16)"),
+                     teacher: Optional[str] = typer.Option(None, help="teacher preset (default: the preset's)"),
+                     student_layers: Optional[int] = typer.Option(None, help="student blocks"),
+                     batch_size: Optional[int] = typer.Option(None), block_size: Optional[int] = typer.Option(
+                         None, help="sequence length (gpt2-medium: 512 or 1024)"),
+                     precision: Optional[str] = typer.Option(None, help="fp32 or bf16"),
+                     objectives: str = typer.Option("task,kd", help="comma-separated objectives, each at weight 1"),
+                     zero_stage: int = typer.Option(2), steps: Optional[int] = typer.Option(None, help="timed steps"),
+                     bare_only: bool = typer.Option(False, "--bare-only", help="skip the Ray Train + DeepSpeed side")):
+    """Tokens/s, step time, counted FLOPs/token, FLOP/s, MFU and peak memory of the same distillation step in a
+    bare PyTorch loop and through Ray Train + DeepSpeed (1 worker), side by side; ratio framework / bare."""
+    from raydistill.bench.throughput import PRESETS, bench_throughput as run_bench
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"{preset!r}; allowed: {', '.join(PRESETS)}", param_hint="--preset")
+    if precision not in (None, "fp32", "bf16"):
+        raise typer.BadParameter(f"{precision!r}; allowed: fp32, bf16", param_hint="--precision")
+    import contextlib
+
+    # --json: stdout carries the JSON alone, the run's progress lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = run_bench(preset, teacher=teacher, student_layers=student_layers, batch_size=batch_size,
+                           block_size=block_size, precision=precision, objectives=tuple(objectives.split(",")),
+                           zero_stage=zero_stage, steps=steps, framework=not bare_only)
+    typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
 @bench_app.command("td")
 def bench_td(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
              vocabs: str = typer.Option("32000,150000", help="comma-separated vocabulary sizes"),

@@ -280,3 +280,70 @@ def device_peak_flops(device, precision: str) -> float | None:
         if key in name:
             return single if precision == "fp32" else half
     return None
+
+
+def peak_flops(device, precision: str) -> tuple[float | None, str]:
+    """``device``'s dense peak FLOP/s at ``precision`` and where the number comes from: the data-sheet table for
+    known GPUs, a measured matrix multiply on CPU (the best a GEMM reaches with this process's threads)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        value = device_peak_flops(device, precision)
+        return value, f"data sheet ({torch.cuda.get_device_name(device)})" if value else "unknown GPU"
+    return measured_gemm_flops(precision), "measured GEMM (CPU)"
+
+
+def measured_gemm_flops(precision: str = "fp32", n: int = 1024, seconds: float = 0.5, device="cpu") -> float:
+    """FLOP/s of an n x n x n matrix multiply at ``precision``: the best of several timed batches."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up (thread pool, kernel choice)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        if getattr(torch.device(device), "type", "cpu") == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2.0 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def counted_flops(fn) -> float:
+    """FLOPs of what ``fn()`` runs, counted by ``torch.utils.flop_counter`` (matrix multiplies, convolutions and
+    attention, forward and backward; element-wise work is not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    # torch counts the CUDA attention kernels but not the CPU flash kernel (what SDPA takes without dropout,
+    # e.g. a teacher in eval mode): the same formulas apply.
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation: achieved FLOP/s (counted FLOPs per token x tokens/s) over the device's peak."""
+    return flops_per_token * tokens_per_s / peak if peak else None
+
+
+def peak_memory_bytes(device) -> int:
+    """This process's peak memory so far: CUDA's peak allocated bytes on a GPU, the peak resident set on CPU.
+    Host-side counters: no device synchronisation."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux

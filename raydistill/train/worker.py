@@ -35,7 +35,7 @@ from raydistill.models.loading import (build_model, init_from_teacher, prepare_s
                                        teacher_dtype)
 from raydistill.monitoring import board as phases
 from raydistill.monitoring.board import Monitor
-from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token
+from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token, peak_memory_bytes
 from raydistill.objectives import build_objectives
 from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
@@ -43,6 +43,7 @@ from raydistill.train.faults import (DivergenceWatch, NonFiniteGuard, NonFiniteL
                                      write_failure)
 from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import RunPlan
+from raydistill.train.prefetch import Prefetcher
 from raydistill.train.progress import ProgressPrinter
 from raydistill.train.schedule import lr_lambda
 from raydistill.train.step import DistillModule
@@ -65,7 +66,14 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float):
+def adamw(groups, t, device) -> torch.optim.AdamW:
+    """The client optimizer: torch's AdamW, its fused kernel on CUDA (one launch for all parameters instead of
+    several per tensor)."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -125,12 +133,11 @@ class Worker:
         sharded_teacher = teacher is not None and cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.shard_teacher
         ds_cfg = deepspeed_config(cfg, self.world)
         t = cfg.train
-        optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
-            _param_groups(module, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+        optimizer = None if "optimizer" in ds_cfg else adamw(param_groups(module, t.weight_decay), t, self.device)
         schedule = lr_lambda(t.lr_schedule, t.max_steps, t.warmup_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_cfg,
-            model_parameters=None if optimizer is not None else _param_groups(module, t.weight_decay),
+            model_parameters=None if optimizer is not None else param_groups(module, t.weight_decay),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         if teacher is not None:
             if sharded_teacher:
@@ -346,17 +353,28 @@ class Worker:
         return step
 
     # ------------------------------------------------------------------------------------------- loop
-    def train_step(self, step: int) -> tuple[dict[str, float], int]:
-        """One optimiser step over ``grad_accum`` micro-batches; the logged values are the step's means over
-        all micro-batches and workers (see ``raydistill.train.step``)."""
+    def micro_batches(self, step: int) -> list[tuple[dict, dict]]:
+        """Step ``step``'s (batch, {stream: batch}) per micro-step, on the CPU (built by the prefetch thread)."""
+        return [(self.train_data.batch(step, micro),
+                 {name: data[0].batch(step, micro) for name, data in self.stream_data.items()})
+                for micro in range(self.cfg.train.grad_accum)]
+
+    def train_step(self, step: int, cpu: list[tuple[dict, dict]], moved: list[tuple[dict, dict]]
+                   ) -> tuple[list[str], torch.Tensor, int]:
+        """One optimiser step over ``grad_accum`` micro-batches (``cpu``: ``micro_batches(step)``, ``moved``: the
+        same on the device). Returns the logged keys, their values as one device vector (the step's means over
+        all micro-batches and workers, see ``raydistill.train.step``; read at the logging interval, so a step
+        never waits for the device), and the step's tokens over all workers (counted on the CPU batches)."""
         t = self.cfg.train
         micro_batches = []
-        for micro in range(t.grad_accum):
-            batch = self.train_data.batch(step, micro)
-            student_batch = self.on_policy(batch, step, micro)  # before any forward: counts need every batch
-            micro_batches.append((_to(batch if student_batch is None else student_batch, self.device),
-                                  {name: _to(data[0].batch(step, micro), self.device)
-                                   for name, data in self.stream_data.items()}, student_batch is not None))
+        tokens = 0
+        for micro, ((cpu_batch, cpu_streams), (batch, streams)) in enumerate(zip(cpu, moved)):
+            student_batch = self.on_policy(cpu_batch, step, micro)  # before any forward: counts need every batch
+            if student_batch is not None:
+                batch, cpu_batch = _to(student_batch, self.device), student_batch
+            tokens += int(cpu_batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum())
+                                                                   for b in cpu_streams.values())
+            micro_batches.append((batch, streams, student_batch is not None))
         counts = self._step_counts([(batch, streams) for batch, streams, _ in micro_batches])
         share = 1.0 / (t.grad_accum * self.world)
         on_policy = self.plan.prompts is not None and self.plan.prompts.spec.on_policy.probability > 0
@@ -364,7 +382,6 @@ class Worker:
         # so it does not depend on how the step is split.
         extras = {"step": step, "step_seed": _step_seed(t.seed, step)}
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
         skip = t.nonfinite == "skip"
         bad = torch.zeros((), device=self.device)
         for micro, (batch, streams, generated) in enumerate(micro_batches):
@@ -376,19 +393,31 @@ class Worker:
             # ``loss`` is this micro-batch's share of the step's loss; DeepSpeed divides the gradient by the
             # micro-batches and averages it over workers, which this factor undoes.
             scaled = loss / share
-            if skip:  # train.nonfinite=skip: one extra all-reduce per step, only in this mode
+            if skip:  # train.nonfinite=skip: one extra all-reduce (and host read) per step, only in this mode
                 bad = bad + sum((~torch.isfinite(v.detach())).float().sum() for v in (loss, *logs.values()))
                 if micro == len(micro_batches) - 1 and self._any_rank(bad):
                     # Non-finite gradients make DeepSpeed's overflow check skip the whole update and zero them.
                     scaled = scaled * math.inf
             self.engine.backward(scaled)
             self.engine.step()
-            tokens += int(batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum()) for b in streams.values())
             if on_policy:
-                logs["on_policy"] = torch.tensor(float(generated) * share)
+                logs["on_policy"] = torch.tensor(float(generated) * share, device=self.device)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-        return self._all_reduce_sum(sums), tokens * self.world
+        keys, values = self._all_reduce_vector(sums)
+        return keys, values, tokens * self.world
+
+    @staticmethod
+    def _read(pending: list[tuple[int, list[str], torch.Tensor, bool]]) -> list[tuple[int, dict[str, float], bool]]:
+        """The pending steps' logged values as host floats, in one read: (step, {key: value}, applied)."""
+        if not pending:
+            return []
+        flat = torch.cat([values for _, _, values, _ in pending]).tolist()
+        out, at = [], 0
+        for step, keys, _, applied in pending:
+            out.append((step, dict(zip(keys, flat[at:at + len(keys)])), applied))
+            at += len(keys)
+        return out
 
     def _any_rank(self, flag: torch.Tensor) -> bool:
         flag = flag.detach().reshape(1).float().clone()
@@ -410,11 +439,16 @@ class Worker:
             dist.all_reduce(vec)
         return dict(zip(keys, vec))
 
-    def _all_reduce_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _all_reduce_vector(self, values: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+        """The values summed over workers, as one float32 vector on the device (in sorted key order)."""
         keys = sorted(values)
-        vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float32) for k in keys]).to(self.device)
+        vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
         if self.world > 1:
             dist.all_reduce(vec)
+        return keys, vec
+
+    def _all_reduce_sum(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys, vec = self._all_reduce_vector(values)
         return dict(zip(keys, vec.tolist()))
 
     @torch.no_grad()
@@ -589,79 +623,99 @@ class Worker:
         if self.is_main:
             m.post(phase=training, done=start, total=t.max_steps)
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-        for step in range(start + 1, t.max_steps + 1):
-            marker = self.output_dir / f".failed_at_{step}_rank{self.rank}"
-            if t.fail_at_step == step and not marker.exists():  # once per rank, so a restart gets past it
-                marker.touch()
-                raise RuntimeError(f"train.fail_at_step={step}: simulated failure (testing aid)")
-            skipped_before = self.engine.skipped_steps
-            logs, tokens = self.train_step(step)
-            window_tokens += tokens
-            window_steps += 1
-            # The logs are already reduced over workers (host floats): checking them costs nothing, and every
-            # rank reaches the same verdict.
-            failure = None
-            try:
-                note = guard.check(step, logs, applied=self.engine.skipped_steps == skipped_before,
-                                   checkpoint_step=self.checkpoint_step)
-                note = note or watch.check(step, logs.get("loss"))
-            except RunFailure as e:  # a non-finite loss, or a diverged one under train.divergence=stop
-                note, failure = None, e
-            if note and self.is_main:
-                print(f"[raydistill] {note}", flush=True)
-            last = step == t.max_steps
-            do_log = step % t.log_every == 0 or last or failure is not None or note is not None
-            do_eval = ((t.eval_every and step % t.eval_every == 0) or last) and failure is None
-            do_ckpt = ((t.checkpoint_every and step % t.checkpoint_every == 0) or last) and failure is None
-            # A Ray report is a barrier costing about a second here: only evaluations, checkpoints and
-            # report_every steps (what Tune schedulers act on) pay for one; logging is local.
-            do_report = do_eval or do_ckpt or bool(t.report_every and step % t.report_every == 0)
-            if not (do_log or do_report):
-                continue
-            elapsed = time.perf_counter() - window_start
-            metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps}
-            if guard.skipped:
-                metrics["skipped_steps"] = guard.skipped
-            if watch.diverged_at:
-                metrics["diverged_at_step"] = watch.diverged_at
-            rank_tokens = window_tokens // self.world
-            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-            if do_eval:
+        # Logged values stay on the device until a row is due: one read (and device synchronisation) per
+        # logging interval instead of one per step. The guard and the divergence watch then see every step's
+        # values in order, so a failure still names its step and the last row is that step's (nothing is
+        # checkpointed, evaluated or reported before the read). Under train.nonfinite=skip each step reads its
+        # non-finite flag anyway, so every step is read as it ends and a skipped step gets its row as before.
+        pending: list[tuple[int, list[str], torch.Tensor, bool]] = []
+        prefetch = Prefetcher(self.micro_batches, range(start + 1, t.max_steps + 1), self.device)
+        try:
+            for step in range(start + 1, t.max_steps + 1):
+                marker = self.output_dir / f".failed_at_{step}_rank{self.rank}"
+                if t.fail_at_step == step and not marker.exists():  # once per rank, so a restart gets past it
+                    marker.touch()
+                    raise RuntimeError(f"train.fail_at_step={step}: simulated failure (testing aid)")
+                skipped_before = self.engine.skipped_steps
+                keys, values, tokens = self.train_step(step, *prefetch.get(step))
+                pending.append((step, keys, values, self.engine.skipped_steps == skipped_before))
+                window_tokens += tokens
+                window_steps += 1
+                last = step == t.max_steps
+                scheduled = step % t.log_every == 0 or last
+                do_eval = bool((t.eval_every and step % t.eval_every == 0) or last)
+                do_ckpt = bool((t.checkpoint_every and step % t.checkpoint_every == 0) or last)
+                # A Ray report is a barrier costing about a second here: only evaluations, checkpoints and
+                # report_every steps (what Tune schedulers act on) pay for one; logging is local.
+                do_report = do_eval or do_ckpt or bool(t.report_every and step % t.report_every == 0)
+                if not (scheduled or do_report or t.nonfinite == "skip"):
+                    continue
+                # The values are reduced over workers: every rank reaches the same verdicts.
+                failure, noted, row_step, logs = None, False, step, {}
+                for row_step, logs, applied in self._read(pending):
+                    try:
+                        note = guard.check(row_step, logs, applied=applied, checkpoint_step=self.checkpoint_step)
+                        note = note or watch.check(row_step, logs.get("loss"))
+                    except RunFailure as e:  # a non-finite loss, or a diverged one under train.divergence=stop
+                        note, failure = None, e
+                    if note and self.is_main:
+                        print(f"[raydistill] {note}", flush=True)
+                    noted = noted or note is not None
+                    if failure is not None:
+                        break
+                pending.clear()
+                if not (scheduled or do_report or noted or failure is not None):
+                    continue
+                if failure is not None:
+                    last = do_eval = do_ckpt = do_report = False
+                step = row_step
+                elapsed = time.perf_counter() - window_start
+                metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
+                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
+                           "peak_memory_bytes": peak_memory_bytes(self.device)}
+                if guard.skipped:
+                    metrics["skipped_steps"] = guard.skipped
+                if watch.diverged_at:
+                    metrics["diverged_at_step"] = watch.diverged_at
+                rank_tokens = window_tokens // self.world
+                window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+                if do_eval:
+                    if self.is_main:
+                        m.post(phase=phases.VALIDATION)
+                    metrics.update(self.evaluate())
+                    # Weights that give a non-finite validation loss are corrupt: never export them. Skipping
+                    # non-finite steps, only the student's own cross-entropy counts (an objective may stay NaN).
+                    bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")
+                                     and (t.nonfinite == "stop" or k == "val/ce")})
+                    if bad:
+                        terms = ", ".join(f"{k}={v!r}" for k, v in sorted(bad.items()))
+                        failure = NonFiniteLoss(
+                            f"non-finite validation at step {step}: {terms}. The run stopped there and nothing "
+                            f"was exported; " + (f"the latest checkpoint (step {self.checkpoint_step}) is intact"
+                                                 if self.checkpoint_step else "no checkpoint was written before it"))
+                        do_ckpt = False
+                progress.log(metrics)
+                self.series.log(metrics, [k for k in logs if k != "on_policy"], rank_tokens)
                 if self.is_main:
-                    m.post(phase=phases.VALIDATION)
-                metrics.update(self.evaluate())
-                # Weights that give a non-finite validation loss are corrupt: never export them. Skipping
-                # non-finite steps, only the student's own cross-entropy counts (an objective may stay NaN).
-                bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")
-                                 and (t.nonfinite == "stop" or k == "val/ce")})
-                if bad:
-                    terms = ", ".join(f"{k}={v!r}" for k, v in sorted(bad.items()))
-                    failure = NonFiniteLoss(
-                        f"non-finite validation at step {step}: {terms}. The run stopped there and nothing was "
-                        f"exported; " + (f"the latest checkpoint (step {self.checkpoint_step}) is intact"
-                                         if self.checkpoint_step else "no checkpoint was written before it"))
-                    do_ckpt = False
-            progress.log(metrics)
-            self.series.log(metrics, [k for k in logs if k != "on_policy"], rank_tokens)
-            if self.is_main:
-                m.post(phase=training, done=step, total=t.max_steps, detail=_detail(metrics))
-            if last and failure is None:  # before the final checkpoint: a rerun must not export it either
-                try:
-                    guard.check_trained(step, self.engine.global_steps, self.engine.skipped_steps)
-                except NonFiniteLoss as e:
-                    failure = e
-            if failure is not None:
-                progress.close()
-                raise failure
-            if do_ckpt:
-                if self.is_main:
-                    m.post(phase=phases.CHECKPOINT)
-                begun = time.perf_counter()
-                self.checkpoint_and_report(step, metrics)
-                self.series.duration("checkpoint", time.perf_counter() - begun)
-            elif do_report:
-                ray.train.report(metrics)
+                    m.post(phase=training, done=step, total=t.max_steps, detail=_detail(metrics))
+                if last and failure is None:  # before the final checkpoint: a rerun must not export it either
+                    try:
+                        guard.check_trained(step, self.engine.global_steps, self.engine.skipped_steps)
+                    except NonFiniteLoss as e:
+                        failure = e
+                if failure is not None:
+                    progress.close()
+                    raise failure
+                if do_ckpt:
+                    if self.is_main:
+                        m.post(phase=phases.CHECKPOINT)
+                    begun = time.perf_counter()
+                    self.checkpoint_and_report(step, metrics)
+                    self.series.duration("checkpoint", time.perf_counter() - begun)
+                elif do_report:
+                    ray.train.report(metrics)
+        finally:
+            prefetch.close()
         guard.check_trained(t.max_steps, self.engine.global_steps, self.engine.skipped_steps)
         if self.is_main:
             m.post(phase=phases.EXPORT)

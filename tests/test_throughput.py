@@ -1,0 +1,168 @@
+"""The pieces of the fast training loop and of ``bench throughput``: the batch prefetcher, logged values read
+once per logging interval, FLOP counting and MFU arithmetic (all in-process, on tiny models)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from raydistill.bench.throughput import _side
+from raydistill.data.blocks import BatchSampler, Blocks, TokenInfo
+from raydistill.monitoring.metrics import (PEAK_FLOPS, counted_flops, flops_per_token, measured_gemm_flops, mfu,
+                                           peak_flops, peak_memory_bytes)
+from raydistill.train.prefetch import Prefetcher
+from raydistill.train.worker import Worker
+
+
+def _sampler(grad_accum: int = 2) -> BatchSampler:
+    # An encoder's batches: MLM masking is random (keyed per row), so equal batches mean the same draws.
+    blocks = Blocks(np.arange(40 * 12, dtype=np.int64).reshape(40, 12) % 300 + 10,
+                    np.array([12, 9] * 20, dtype=np.int32))
+    info = TokenInfo(is_encoder=True, vocab_size=400, pad_id=0, mask_id=3, special_ids=(0, 1, 2))
+    return BatchSampler(blocks, info, batch_size=4, grad_accum=grad_accum, rank=0, world_size=1, seed=5)
+
+
+def test_prefetched_batches_equal_the_ones_built_in_place_in_step_order():
+    sampler, direct = _sampler(), _sampler()
+
+    def make(step):
+        return [(sampler.batch(step, micro), {"lm": sampler.batch(step + 100, micro)}) for micro in (0, 1)]
+
+    with Prefetcher(make, range(3, 12), depth=2) as prefetch:
+        for step in range(3, 12):
+            cpu, moved = prefetch.get(step)
+            assert moved is cpu  # on CPU the built batches are the device batches
+            for micro, (batch, streams) in enumerate(cpu):
+                want = direct.batch(step, micro)
+                assert batch.keys() == want.keys()
+                assert all(torch.equal(batch[k], want[k]) for k in want)
+                assert torch.equal(streams["lm"]["labels"], direct.batch(step + 100, micro)["labels"])
+
+
+def test_asking_out_of_order_or_past_the_end_is_an_error():
+    with Prefetcher(lambda k: {"x": torch.tensor([k])}, [1, 2]) as prefetch:
+        with pytest.raises(RuntimeError, match="asked for 2, the next built is 1"):
+            prefetch.get(2)
+        assert prefetch.get(2)[0]["x"].item() == 2
+        with pytest.raises(RuntimeError, match="after the last key"):
+            prefetch.get(3)
+
+
+def test_an_error_while_building_reaches_the_consumer_at_its_key():
+    def make(key):
+        if key == 3:
+            raise ValueError("bad shard at 3")
+        return {"x": torch.full((2,), key)}
+
+    with Prefetcher(make, range(1, 10)) as prefetch:
+        assert prefetch.get(1)[0]["x"].tolist() == [1, 1]
+        assert prefetch.get(2)[0]["x"].tolist() == [2, 2]
+        with pytest.raises(ValueError, match="bad shard at 3"):
+            prefetch.get(3)
+
+
+def test_close_stops_a_thread_blocked_on_a_full_queue():
+    built = []
+    prefetch = Prefetcher(lambda k: built.append(k) or {"x": torch.tensor([k])}, itertools.count(1), depth=2)
+    prefetch.get(1)
+    deadline = time.time() + 2
+    while len(built) < 3 and time.time() < deadline:  # it builds ahead: up to depth items wait in the queue
+        time.sleep(0.01)
+    assert len(built) >= 3
+    prefetch.close()
+    assert not prefetch._thread.is_alive()
+    assert len(built) <= 5  # bounded: it never ran ahead of the queue
+    assert not [t for t in threading.enumerate() if t.name == "raydistill-prefetch" and t is prefetch._thread]
+
+
+def _worker() -> Worker:
+    worker = Worker.__new__(Worker)
+    worker.world, worker.device = 1, torch.device("cpu")
+    return worker
+
+
+def test_logged_values_read_once_per_interval_equal_the_per_step_reads():
+    """The loop keeps each step's reduced values on the device and reads them at the logging interval; the
+    values, their keys and non-finite ones (which the guard must see at their own step) come back unchanged."""
+    worker = _worker()
+    steps = [
+        {"loss": torch.tensor(2.5), "kd": torch.tensor(0.125), "task": torch.tensor(3.0)},
+        {"loss": torch.tensor(float("nan")), "kd": torch.tensor(float("nan")), "task": torch.tensor(1.5)},
+        {"loss": torch.tensor(1.0), "kd": torch.tensor(0.25), "task": torch.tensor(1.75), "lm/kd": torch.tensor(4.0)},
+    ]
+    pending = []
+    for n, logs in enumerate(steps, 7):
+        keys, vec = worker._all_reduce_vector(logs)
+        pending.append((n, keys, vec, n != 8))
+    read = worker._read(pending)
+    assert [(s, applied) for s, _, applied in read] == [(7, True), (8, False), (9, True)]
+    for (_, values, _), logs in zip(read, steps):
+        before = worker._all_reduce_sum(logs)  # the per-step read the loop used to do
+        assert values.keys() == before.keys() == logs.keys()
+        for k in logs:
+            assert values[k] == before[k] or (math.isnan(values[k]) and math.isnan(before[k]))
+    assert read[0][1] == {"loss": 2.5, "kd": 0.125, "task": 3.0}
+    assert math.isnan(read[1][1]["kd"]) and read[1][1]["task"] == 1.5
+    assert worker._read([]) == []
+
+
+def test_counted_flops_match_the_hand_count_of_a_distillation_step():
+    """6N per token for the student's forward and backward, 2N for the teacher's forward, plus attention's
+    QK^T and AV (4 T d per block forward, three times that with backward), N the matmul parameters (the tied
+    output head included)."""
+    torch.manual_seed(0)
+    v, t, b = 512, 32, 2
+
+    def gpt2(layers):
+        return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=64, vocab_size=v))
+
+    student, teacher = gpt2(2), gpt2(4).eval()
+    ids = torch.randint(0, v, (b, t))
+
+    def step():
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids).logits
+        logits = student(input_ids=ids).logits
+        loss = torch.nn.functional.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True)
+        loss.backward()
+
+    def matmul_params(layers):  # per block: qkv 3d^2, out d^2, MLP 8d^2 (weights; biases are not multiplies)
+        return layers * 12 * 64 * 64 + v * 64
+
+    hand = 6 * matmul_params(2) + 2 * matmul_params(4) + (12 * 2 + 4 * 4) * 64 * t
+    counted = counted_flops(step) / (b * t)
+    assert counted == pytest.approx(hand, rel=0.01)
+    estimate = flops_per_token(student, teacher, (2, 4), (64, 64), t, teacher_runs=True)
+    assert estimate == pytest.approx(hand, rel=0.02)  # biases counted as parameters there: within 2%
+
+
+def test_mfu_and_the_bench_columns_from_timed_windows():
+    assert mfu(2e6, 1000.0, 4e9) == pytest.approx(0.5)
+    assert mfu(2e6, 1000.0, None) is None
+    # Three 5-step windows: step time and tokens/s are medians over windows.
+    side = _side([(1.0, 1000), (2.0, 1000), (1.5, 1200)], 5, fpt=1e6, peak=1e10, memory=123)
+    assert side["step_time_s"] == pytest.approx(1.5 / 5)
+    assert side["tokens_per_s"] == pytest.approx(800.0)
+    assert side["flops_per_s"] == pytest.approx(8e8)
+    assert side["mfu"] == pytest.approx(0.08)
+    assert side["peak_memory_bytes"] == 123 and side["windows"] == 3
+
+
+def test_peaks_known_gpus_from_the_table_and_cpu_measured():
+    names = [name for name, _, _ in PEAK_FLOPS]
+    for gpu in ("H100", "H200", "A100", "L4"):
+        assert gpu in names
+    h200 = next(row for row in PEAK_FLOPS if row[0] == "H200")
+    assert h200[1] == 989e12 and h200[2] == 67e12  # dense bf16, fp32 (no TF32)
+    gemm = measured_gemm_flops("fp32", n=256, seconds=0.05)
+    assert 1e8 < gemm < 1e13
+    value, source = peak_flops(torch.device("cpu"), "fp32")
+    assert value > 1e8 and "measured" in source
+    assert peak_memory_bytes(torch.device("cpu")) > 10 * 2**20  # this process's peak RSS, in bytes
