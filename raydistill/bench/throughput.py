@@ -25,7 +25,7 @@ import torch
 
 from raydistill.config import load_config
 from raydistill.data.blocks import BatchSampler
-from raydistill.models.loading import build_model, init_from_teacher
+from raydistill.models.loading import build_model, init_from_teacher, prepare_student, teacher_dtype
 from raydistill.monitoring.metrics import counted_flops, flops_per_token, mfu, peak_flops, peak_memory_bytes
 from raydistill.objectives import build_objectives
 from raydistill.train.host_memory import keep_freed_host_memory
@@ -73,11 +73,14 @@ class BareLoop:
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # as the Ray worker gets
         torch.manual_seed(t.seed)
-        teacher = build_model(plan.teacher_config, plan.teacher_source).eval().requires_grad_(False)
-        student = build_model(plan.student_config, plan.student_source)
-        init_from_teacher(student, teacher, plan.init_layers)
-        self.module = DistillModule(student, build_objectives(plan.objectives, plan.info), plan.info).to(device)
-        self.teacher = teacher.to(device=device, dtype=self.dtype or torch.float32)  # as the worker casts it
+        # Built as the worker builds them (model options, dtypes, checkpointing/compile of the student).
+        teacher = build_model(plan.teacher_config, plan.teacher_source, None, cfg.teacher).eval().requires_grad_(False)
+        student = build_model(plan.student_config, plan.student_source, None, cfg.student)
+        init_from_teacher(student, teacher, plan.init_layers, plan.block_paths[0])
+        prepare_student(student, cfg.student, plan.block_paths[0])
+        self.module = DistillModule(student, build_objectives(plan.objectives, plan.info), plan.info,
+                                    plan.block_paths).to(device)
+        self.teacher = teacher.to(device=device, dtype=teacher_dtype(cfg))
         self.optimizer = adamw(param_groups(self.module, t.weight_decay), t, device)
         self.grad_clip = t.grad_clip
         self.data = BatchSampler(plan.blocks[0], plan.token_info, batch_size=t.batch_size, grad_accum=1, rank=0,
@@ -124,7 +127,8 @@ class BareLoop:
         positions = self.data.batch_size * self.seq_len
         i = self.info
         estimate = flops_per_token(self.module.student, self.teacher, (i.student_layers, i.teacher_layers),
-                                   (i.student_hidden, i.teacher_hidden), self.seq_len, self.module.needs.teacher)
+                                   (i.student_hidden, i.teacher_hidden), self.seq_len,
+                                   self.module.needs.teacher_runs())
         return counted / positions, estimate
 
 
@@ -192,7 +196,7 @@ def _table(r: dict) -> str:
     head = (f"throughput bench on {r['device']}: {r['teacher']} teacher -> {r['student_layers']}-block student, "
             f"{'+'.join(r['objectives'])}, batch {r['batch_size']}x{r['block_size']}, {r['precision']}, "
             f"ZeRO-{r['zero_stage']}, {r['steps']} timed steps per side\n"
-            f"counted {r['flops_per_token'] / 1e9:.3f} GFLOP/token (estimate {r['flops_per_token_estimate'] / 1e9:.3f})")
+            f"counted {r['flops_per_token'] / 1e9:.4g} GFLOP/token (estimate {r['flops_per_token_estimate'] / 1e9:.4g})")
     if r["peak_flops"]:
         head += f"; peak {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_flops_source']})"
     lines = [head, f"{'loop':<24}{'tokens/s':>12}{'step (ms)':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak mem (MB)':>15}"]
