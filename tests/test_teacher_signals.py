@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from raydistill.errors import ConfigError
 from raydistill.objectives import REGISTRY, build_objectives
-from raydistill.objectives.base import ModelInfo, Needs
-from raydistill.objectives.teacher_signals import from_batch, teacher_topk, topk_ids
-from raydistill.train.step import DistillModule
+from raydistill.objectives.base import ForwardResult, ModelInfo, Needs, Step
+from raydistill.objectives.teacher_signals import check_cache_columns, from_batch, teacher_topk, topk_ids
+from raydistill.train.step import DistillModule, run_model
 
 V = 37
 
@@ -100,8 +101,64 @@ def test_mixed_needs_run_the_teacher_for_what_is_not_cached_and_too_few_columns_
     with pytest.raises(RuntimeError, match="needs the teacher"):  # full kd needs its logits: the teacher must run
         kd_module(tiny_gpt2(1))(cached_batch, None)
     assert kd_module(tiny_gpt2(1))(cached_batch, teacher)[0] > 0
-    with pytest.raises(ValueError, match=r"top 4 .* need the top 8 .*teacher_cache\.top_k to at least 8"):
+    with pytest.raises(ValueError, match=r"holds the top 4 .* need the top 8 .*teacher_cache\.top_k to at least 8"):
         kd_module(tiny_gpt2(1), top_k=8)(cached_batch, None)
     got = from_batch(cached_batch, 3)
     assert got.logprobs.dtype == torch.float32 and got.ids.dtype == torch.int64 and got.ids.shape[-1] == 3
     assert from_batch(batch, 3) is None
+
+
+def td_module(student, **settings):
+    info = ModelInfo(False, V, 2, 16, 2, 16)
+    return DistillModule(student, build_objectives({"td": REGISTRY["td"].Settings(**settings)}, info), info)
+
+
+def run(module_of, batch, teacher):
+    student = tiny_gpt2(1)
+    loss, logs = module_of(student)(batch, teacher)
+    loss.backward()
+    return loss.detach(), logs, [p.grad.clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("space, stored", [({"k": 8}, torch.float16), ({"k": 8}, torch.float32),
+                                           ({"kind": "top_p", "p": 0.5, "max_k": 20}, torch.float32)])
+def test_td_from_cached_signals_equals_td_online_exactly(space, stored):
+    """The same action sets, hence the same loss, logs and gradients bit for bit: top_k reads only the ids (exact
+    from any storage); top_p cuts the nucleus on the probabilities (exact from float32 values). Online, the step
+    (teacher_topk) gives what td computes from the teacher's logits itself on a hand-built step."""
+    teacher, batch = tiny_gpt2(0), batch_of(seed=3)
+    batch["labels"][0, :3] = -100
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"]).logits
+    cached = teacher_topk(logits, 24)
+    cached_batch = {**batch, "teacher_topk_logprobs": cached.logprobs.to(stored),
+                    "teacher_topk_ids": cached.ids.to(torch.int32)}
+    settings = dict(action_space=space, gamma=0.9)
+    online = run(lambda s: td_module(s, **settings), batch, teacher)
+    from_cache = run(lambda s: td_module(s, **settings), cached_batch, None)
+    assert torch.equal(online[0], from_cache[0]) and online[1].keys() == from_cache[1].keys()
+    assert all(torch.equal(online[1][k], from_cache[1][k]) for k in online[1])
+    assert all(torch.equal(a, b) for a, b in zip(online[2], from_cache[2]))
+    # The hand-built path: td's own action sets from the logits.
+    student = tiny_gpt2(1)
+    module = td_module(student, **settings)
+    out = run_model(student, batch, frozenset(), None, logits=False, head=True)
+    step = Step(batch=batch, student=out, teacher=ForwardResult(logits), student_model=student, teacher_model=None,
+                info=module.info)
+    assert torch.equal(module.objectives["td"](step)["td"], online[0])
+
+
+def test_a_cache_with_too_few_columns_for_td_is_refused_naming_the_settings():
+    info = ModelInfo(False, V, 2, 16, 2, 16)
+    objectives = build_objectives({"td": REGISTRY["td"].Settings(action_space={"kind": "top_p", "max_k": 30}),
+                                   "kd": REGISTRY["kd"].Settings(top_k=8)}, info)
+    check_cache_columns(30, objectives)
+    with pytest.raises(ConfigError, match=r"holds the top 16 .*objectives\.td \(30\) need the top 30 .*"
+                                          r"objectives\.td\.action_space\.max_k .*teacher_cache\.top_k to at least 30"):
+        check_cache_columns(16, objectives)
+    teacher, batch = tiny_gpt2(0), batch_of()
+    with torch.no_grad():
+        cached = teacher_topk(teacher(input_ids=batch["input_ids"]).logits, 16)
+    cached_batch = {**batch, "teacher_topk_logprobs": cached.logprobs.half(), "teacher_topk_ids": cached.ids.int()}
+    with pytest.raises(ValueError, match=r"objectives\.td\.action_space\.k .*teacher_cache\.top_k to at least 30"):
+        td_module(tiny_gpt2(1), action_space={"kind": "top_p", "max_k": 30})(cached_batch, None)

@@ -14,9 +14,17 @@ Kinds (``ActionSpaceSettings.kind``):
   are gathered and memory stays bounded even where the teacher is flat); positions the cap cuts short
   cover less than p.
 
-Ties: tokens are ranked by ``torch.topk`` (sorted), and a set that must cut through tokens of equal
-logit keeps the ones that come first in topk's order. That order is deterministic for a given backend
-and device but is not guaranteed to be "lowest id first".
+Sources: the teacher's logits (``action_space``), or its top-K signals (``actions_from_topk``: online from
+the same logits, or from the teacher cache). Both give the same sets, exactly: top_k needs the first k of
+the teacher's ranked tokens, top_p the first max_k and their probabilities, and ``teacher_topk``'s order
+makes the first k of a top-K the top k (``objectives.teacher_signals``). So a cache of K columns serves
+top_k with k <= K and top_p with max_k <= K (``TDLoss.needs`` asks for min(k or max_k, V) columns, and a
+cache with fewer is refused). One caveat for top_p: the nucleus is cut on the teacher's probabilities,
+which a cache stores in fp16 / bf16; a position whose cumulative mass lies within that rounding of p can
+cut one token differently than online (float32). top_k uses only the ids and is exact in every case.
+
+Ties: tokens are ranked by logit, then by token id ascending (``teacher_signals.topk_ids``), the same
+order whatever k, device or dtype. Without ties this is ``torch.topk(sorted=True)``'s own order.
 
 The expert token a_t (the label) may lie outside A(s); ``add_expert`` appends one column holding it, so
 that the student's logit for a_t comes from the same single gather (one B x T x V gradient buffer, not
@@ -32,6 +40,9 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from raydistill.objectives.base import TeacherTopK
+from raydistill.objectives.teacher_signals import teacher_topk, topk_ids
 
 IGNORE = -100
 
@@ -55,21 +66,30 @@ class ActionSet:
 
 
 def top_k_actions(teacher_logits: torch.Tensor, k: int) -> ActionSet:
-    k = min(k, teacher_logits.size(-1))
-    with torch.no_grad():
-        index = teacher_logits.topk(k, dim=-1, sorted=True).indices
+    index = topk_ids(teacher_logits, k)
     return ActionSet(index, torch.ones_like(index, dtype=torch.bool))
 
 
 def top_p_actions(teacher_logits: torch.Tensor, p: float, max_k: int) -> ActionSet:
-    """Token j (in topk order) is in the set when the mass of the tokens before it is < p: the smallest
+    """Token j (in rank order) is in the set when the mass of the tokens before it is < p: the smallest
     prefix reaching p, and always the first token (its preceding mass is 0 < p)."""
+    return actions_from_topk(teacher_topk(teacher_logits, max_k), ActionSpaceSettings(kind="top_p", p=p, max_k=max_k))
+
+
+def columns(settings: ActionSpaceSettings, vocab: int) -> int:
+    """How many of the teacher's ranked tokens the set is chosen from: k (top_k) or max_k (top_p), at most V."""
+    return min(settings.k if settings.kind == "top_k" else settings.max_k, vocab)
+
+
+def actions_from_topk(topk: TeacherTopK, settings: ActionSpaceSettings) -> ActionSet:
+    """A(s) from the teacher's top-K signals (K >= ``columns``; the first ``columns`` are read)."""
+    index = topk.ids[..., :columns(settings, topk.ids.size(-1))]
+    if settings.kind == "top_k":
+        return ActionSet(index, torch.ones_like(index, dtype=torch.bool))
     with torch.no_grad():
-        values, index = teacher_logits.topk(min(max_k, teacher_logits.size(-1)), dim=-1, sorted=True)
-        log_z = torch.logsumexp(teacher_logits.float(), dim=-1, keepdim=True)
-        probs = (values.float() - log_z).exp()
+        probs = topk.logprobs[..., :index.size(-1)].float().exp()
         before = probs.cumsum(-1) - probs
-        return ActionSet(index, before < p)
+    return ActionSet(index, before < settings.p)
 
 
 def action_space(teacher_logits: torch.Tensor, settings: ActionSpaceSettings,

@@ -53,9 +53,12 @@ Settings and choices the equations leave open:
   ``_GatherColumns``, see there) is then the one vocabulary-sized tensor the objective adds. Either way
   a token present in several columns of a position (the expert column duplicates a set column under
   ``include`` wherever the expert is in A(s); the argmax column usually duplicates one) gets the sum of
-  their gradients in float32, rounded to the logits' or hidden state's dtype once. ``chunk_size``
-  computes the action sets that many positions at a time (the teacher-side topk / nucleus softmax), with
-  an identical result.
+  their gradients in float32, rounded to the logits' or hidden state's dtype once. The action
+  sets come from the teacher's top-K signals (``Step.teacher_topk``, ``needs`` asks for k or max_k
+  columns): computed online by the training step from the teacher's logits a bounded number of
+  positions at a time (``objectives.teacher_signals``), or read from the teacher cache, with the same
+  sets (``objectives.action_space``). On a step that carries only the teacher's logits (built by hand),
+  td chooses them itself, ``chunk_size`` positions at a time, with an identical result.
 - Logs: every value is a share of the optimiser step's mean over the N labelled positions (``mean``):
   ``q_expert``, ``value`` and ``chi2`` sum over the kept transitions (skipped ones count as zero, as in
   the loss); ``action_set_size`` (|A(s)|), ``expert_in_set`` and, with ``shift: vocab``,
@@ -72,7 +75,8 @@ from pydantic import Field
 
 from raydistill.errors import ConfigError
 from raydistill.objectives import register
-from raydistill.objectives.action_space import IGNORE, ActionSpaceSettings, action_space, add_expert
+from raydistill.objectives.action_space import (IGNORE, ActionSpaceSettings, action_space, actions_from_topk,
+                                                add_expert, columns)
 from raydistill.objectives.base import ModelInfo, Needs, Objective, ObjectiveSettings, Step
 from raydistill.objectives.head_columns import head_columns, head_columns_and_argmax
 
@@ -129,8 +133,9 @@ class TDSettings(ObjectiveSettings):
     fused_head: bool = Field(True, description="compute only the K gathered logits from the student's final "
                              "hidden state and output head, so no B x T x V logits or gradient exist; false: gather "
                              "from the full logits (needed where the model transforms logits after its head)")
-    chunk_size: int | None = Field(None, ge=1, description="positions per chunk when choosing the action sets "
-                                   "(bounds the teacher-side B x chunk x V work on long sequences); null: all")
+    chunk_size: int | None = Field(None, ge=1, description="positions per chunk when td chooses the action sets "
+                                   "from the teacher's logits itself (steps built by hand, bench td; the training step "
+                                   "computes the teacher's top-K in bounded chunks of its own); null: all")
 
 
 @register
@@ -150,7 +155,8 @@ class TDLoss(Objective):
 
     def needs(self) -> Needs:
         fused = self.settings.fused_head
-        return Needs(teacher_logits=True, student_logits=not fused, student_head=fused)
+        return Needs(teacher_topk=columns(self.settings.action_space, self.info.vocab_size),
+                     student_logits=not fused, student_head=fused)
 
     def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The labelled positions: every expert transition, kept or (``expert: skip``) not."""
@@ -160,8 +166,11 @@ class TDLoss(Objective):
         s = self.settings
         labels = step.batch["labels"]
         labelled = self.positions(step.batch)
-        actions, in_set = add_expert(action_space(step.teacher.logits, s.action_space, s.chunk_size), labels,
-                                     include=s.expert == "include")
+        # The teacher's ranked tokens from the step (online or from the teacher cache); on a step that carries
+        # only the teacher's logits (built by hand), from those, ``chunk_size`` positions at a time.
+        chosen = (actions_from_topk(step.teacher_topk, s.action_space) if step.teacher_topk is not None
+                  else action_space(step.teacher.logits, s.action_space, s.chunk_size))
+        actions, in_set = add_expert(chosen, labels, include=s.expert == "include")
         vocab_shift = s.shift == "vocab"
         # Columns: A(s) (K), the expert, and with the vocabulary shift the student's vocabulary argmax.
         if s.fused_head and vocab_shift:

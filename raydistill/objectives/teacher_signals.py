@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from raydistill.objectives.base import TeacherTopK
+from raydistill.errors import ConfigError
+from raydistill.objectives.base import TeacherTopK, row_chunks
 
-__all__ = ["TeacherTopK", "teacher_topk", "topk_ids", "from_batch"]
+__all__ = ["TeacherTopK", "teacher_topk", "topk_ids", "from_batch", "check_cache_columns"]
 
+# Elements of the float32 logits worked at once by ``teacher_topk``.
+_CHUNK_ELEMENTS = 1 << 26
 # Elements of the B x T x V composite key worked at once for rows with a tie across the K-th place.
 _KEY_ELEMENTS = 1 << 24
 
@@ -71,12 +74,40 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def teacher_topk(logits: torch.Tensor, k: int) -> TeacherTopK:
-    """The teacher's top-``k`` signals from its B x T x V logits (module doc); k is capped at the vocabulary."""
+    """The teacher's top-``k`` signals from its B x T x V logits (module doc); k is capped at the vocabulary.
+    Worked a bounded number of positions at a time (the float32 log-normaliser is vocabulary-sized), each
+    position's values independent of the others'."""
+    vocab = logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+    parts = []
     with torch.no_grad():
-        ids = topk_ids(logits, k)
-        log_z = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-        logprobs = logits.gather(-1, ids).float() - log_z
-    return TeacherTopK(logprobs, ids)
+        for rows in row_chunks(flat.size(0), vocab, _CHUNK_ELEMENTS):
+            chunk = flat[rows]
+            ids = topk_ids(chunk, k)
+            log_z = torch.logsumexp(chunk.float(), dim=-1, keepdim=True)
+            parts.append((chunk.gather(-1, ids).float() - log_z, ids))
+    shape = (*logits.shape[:-1], min(k, vocab))
+    return TeacherTopK(torch.cat([p[0] for p in parts]).view(shape), torch.cat([p[1] for p in parts]).view(shape))
+
+
+# The settings that set an objective's ``Needs.teacher_topk``, named where a cache holds too few columns.
+_SETTINGS = ("objectives.kd.top_k, objectives.td.action_space.k (kind top_k) or objectives.td.action_space.max_k "
+             "(kind top_p)")
+
+
+def too_few_columns(cached: int, needed: int, who: str = "the active objectives") -> str:
+    """The message refusing a teacher cache of ``cached`` columns where ``needed`` are read."""
+    return (f"the teacher cache holds the top {cached} tokens per position, but {who} need the top {needed} "
+            f"({_SETTINGS}): raise teacher_cache.top_k to at least {needed}, or lower those settings")
+
+
+def check_cache_columns(cached: int, objectives: dict) -> None:
+    """Refuse (ConfigError, on the driver) a cache of ``cached`` columns for ``objectives`` (name -> Objective)
+    when one of them reads more; the message names each such objective and the settings involved."""
+    short = {name: obj.needs().teacher_topk for name, obj in objectives.items() if obj.needs().teacher_topk > cached}
+    if short:
+        who = ", ".join(f"objectives.{name} ({k})" for name, k in sorted(short.items()))
+        raise ConfigError(too_few_columns(cached, max(short.values()), who))
 
 
 def from_batch(batch: dict[str, torch.Tensor], k: int) -> TeacherTopK | None:
@@ -86,10 +117,6 @@ def from_batch(batch: dict[str, torch.Tensor], k: int) -> TeacherTopK | None:
     if "teacher_topk_logprobs" not in batch:
         return None
     logprobs, ids = batch["teacher_topk_logprobs"], batch["teacher_topk_ids"]
-    cached = logprobs.size(-1)
-    if cached < k:
-        raise ValueError(f"the batch's cached teacher signals hold the top {cached} tokens per position, but the "
-                         f"active objectives need the top {k} (objectives.kd.top_k, objectives.td.action_space.k "
-                         "for kind top_k, objectives.td.action_space.max_k for kind top_p): raise "
-                         f"teacher_cache.top_k to at least {k}, or lower those settings")
+    if logprobs.size(-1) < k:
+        raise ValueError(too_few_columns(logprobs.size(-1), k))
     return TeacherTopK(logprobs[..., :k].float(), ids[..., :k].long())
