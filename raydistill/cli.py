@@ -253,6 +253,23 @@ def bench_td(as_json: bool = typer.Option(False, "--json", help="print one JSON 
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench_app.command("sparse-kd")
+def bench_sparse_kd(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                    ks: str = typer.Option("16,64,256", help="comma-separated top-K sizes"),
+                    temperatures: str = typer.Option("1,2", help="comma-separated kd temperatures"),
+                    text: Optional[str] = typer.Option(None, help="UTF-8 training text (default: WikiText-2)"),
+                    teacher_steps: int = typer.Option(300, help="training steps of the teacher"),
+                    student_steps: int = typer.Option(100, help="training steps of the student"),
+                    distill_steps: int = typer.Option(100, help="steps of the full-KD and sparse-KD students")):
+    """Sparse KD (kd top_k) vs full-vocabulary KD on a trained tiny teacher: loss gap, gradients, rest mass."""
+    from raydistill.bench.sparse_kd import bench_sparse_kd as run_bench, table
+
+    result = run_bench(ks=[int(k) for k in ks.split(",")], temperatures=[float(t) for t in temperatures.split(",")],
+                       text=text, teacher_steps=teacher_steps, student_steps=student_steps,
+                       distill_steps=distill_steps)
+    typer.echo(json.dumps(result, indent=2) if as_json else table(result))
+
+
 @bench_app.command("sweep")
 def bench_sweep(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
                 trials: int = typer.Option(4), steps: int = typer.Option(30, help="training steps per trial"),

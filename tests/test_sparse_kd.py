@@ -29,12 +29,13 @@ def step_of(student, teacher):
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_hand_computed_on_five_tokens(tau):
-    """Teacher p = [1/2, 1/4, 1/8, 1/16, 1/16], K = 2: buckets [1/2, 1/4 | rest 1/4]; tempered, the rest counts as
-    one token: softmax of log([1/2, 1/4, 1/4]) / tau. A uniform student has buckets [1/5, 1/5 | 3/5] at any tau."""
+    """Teacher p = [1/2, 1/4, 1/8, 1/16, 1/16], K = 2: buckets [1/2, 1/4 | rest 1/4]; tempered, the rest as if spread
+    evenly over its 3 tokens: weights [(1/2)^(1/tau), (1/4)^(1/tau), 3 (1/12)^(1/tau)], normalised. A uniform
+    student has buckets [1/5, 1/5 | 3/5] at any tau."""
     p = [0.5, 0.25, 0.125, 0.0625, 0.0625]
     teacher = torch.tensor([[[math.log(x) for x in p]]])
     student = torch.zeros(1, 1, 5)
-    w = [x ** (1 / tau) for x in (0.5, 0.25, 0.25)]
+    w = [0.5 ** (1 / tau), 0.25 ** (1 / tau), 3 * (0.25 / 3) ** (1 / tau)]
     buckets = [x / sum(w) for x in w]
     expected = tau**2 * sum(b * math.log(b / q) for b, q in zip(buckets, (0.2, 0.2, 0.6)))
     got = kd(5, top_k=2, temperature=tau)(step_of(student, teacher))["kd"].item()
@@ -89,3 +90,35 @@ def test_needs_and_configuration():
     with pytest.raises(ConfigError, match=r"objectives\.kd\.top_k: .*greater than or equal to 1"):
         load_config(None, ["teacher.name=tiny-gpt2", "objectives.kd.weight=1", "objectives.kd.top_k=0"])
     assert load_config(None, ["teacher.name=tiny-gpt2", "objectives.kd.top_k=64"]).objectives.kd.top_k == 64
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_a_flat_tail_is_tempered_exactly(tau):
+    """Where teacher and student are each flat outside the teacher's top K, the rest bucket's even spread is the
+    truth and the bucketing loses nothing: sparse KD equals full KD at any temperature."""
+    vocab, k = 40, 5
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.full((2, 3, vocab), -2.0), torch.full((2, 3, vocab), 1.0)
+    teacher[..., :k] = 2 * torch.rand(2, 3, k, generator=g)  # all above the tail
+    student[..., :k] = 2 * torch.randn(2, 3, k, generator=g)
+    sparse = sparse_kl(teacher_topk(teacher, k), student, tau)
+    assert torch.allclose(sparse, soft_kl(teacher, student, tau), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_sparse_kd_runs_on_a_small_text(tmp_path):
+    """``raydistill bench sparse-kd`` end to end on a tiny corpus and a few steps: one row per (tau, K); at tau = 1
+    the gap is in [0, 1] and shrinks with K (the bound above, on a model's logits)."""
+    from raydistill.bench.sparse_kd import bench_sparse_kd, table
+
+    words = "the of and to in a is was for on as with by at from that his her it an were are which".split()
+    g = torch.Generator().manual_seed(0)
+    text = "\n".join(" ".join(words[i] for i in torch.randint(len(words), (12,), generator=g).tolist())
+                     for _ in range(400))
+    (tmp_path / "train.txt").write_text(text)
+    result = bench_sparse_kd(ks=(4, 16), text=str(tmp_path / "train.txt"), teacher_steps=2, student_steps=1,
+                             distill_steps=1, eval_blocks=2, batch=2, seq=16, vocab_size=200)
+    rows = {(r["temperature"], r["k"]): r for r in result["rows"]}
+    assert set(rows) == {(1.0, 4), (1.0, 16), (2.0, 4), (2.0, 16)}
+    assert 0 <= rows[1.0, 16]["gap"] <= rows[1.0, 4]["gap"] <= 1
+    assert [d["objective"] for d in result["distilled"]] == ["kd", "kd top_k=64"]
+    assert "target: |gap| at K=64" in table(result)

@@ -8,6 +8,8 @@ full KD in docs/objectives.md)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 
@@ -18,17 +20,21 @@ from raydistill.objectives.soft_kl import soft_kl
 
 
 def sparse_kl(topk: TeacherTopK, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position tau^2 KL(P || Q) over K + 1 buckets (B x T, float32).
+    """Per-position tau^2 KL(P || Q) over K + 1 buckets (B x T, float32; float64 for float64 logits).
 
-    With l_i the teacher's log-probabilities at temperature 1 of its top-K tokens and r = 1 - sum_i exp(l_i) the
-    mass of all other tokens (clamped at 0), the teacher's buckets are softmax([l_1/tau, ..., l_K/tau, log(r)/tau]):
-    the top-K tokens tempered exactly, the rest tempered as if it were one token. The student's buckets are exact
-    sums of its full softmax(z_S/tau): its K probabilities at the teacher's ids and the sum over all other tokens
-    (a logsumexp outside the ids, with no cancellation). At tau = 1 both bucketings are exact, so the value is the
-    KL between coarse-grained distributions, <= the full KL (data-processing inequality). At tau != 1 the
-    teacher's rest bucket is approximate: its true tempered weight sum_rest p_j^(1/tau) is >= r^(1/tau) for
-    tau > 1 (many small tokens gain more from the tempering than one token of their total mass). When the ids
-    cover the whole vocabulary there is no rest bucket and the value is full KD's."""
+    With l_i the teacher's log-probabilities at temperature 1 of its top-K tokens, r = 1 - sum_i exp(l_i) the mass
+    of the other V - K tokens (clamped at 0), the teacher's buckets are
+
+        P = softmax([l_1/tau, ..., l_K/tau, log(r)/tau + (1 - 1/tau) log(V - K)]):
+
+    the top-K tokens tempered exactly, and the rest tempered as if its mass were spread evenly over its V - K
+    tokens, (V - K) (r / (V - K))^(1/tau) (the maximum-entropy guess given r alone; exact for a flat tail, an
+    upper bound on the true tempered weight sum_rest p_j^(1/tau) for tau > 1). The student's buckets Q are exact
+    sums of its full softmax(z_S/tau): its probabilities at the teacher's ids and the sum over all other tokens
+    (a logsumexp outside the ids, no cancellation). At tau = 1 both bucketings are exact coarse-grainings, so the
+    value is <= the full KL (data-processing inequality) and rises to it as K grows; at tau != 1 the teacher's
+    rest bucket is an estimate. Where the ids cover the whole vocabulary there is no rest bucket and the value
+    is full KD's."""
     tau = temperature
     dtype = torch.promote_types(torch.float32, student_logits.dtype)  # float64 stays float64 (gradcheck)
     log_q = torch.log_softmax(student_logits.to(dtype) / tau, dim=-1)
@@ -37,7 +43,9 @@ def sparse_kl(topk: TeacherTopK, student_logits: torch.Tensor, temperature: floa
     if topk.ids.size(-1) < student_logits.size(-1):
         q_rest = log_q.scatter(-1, topk.ids, float("-inf")).logsumexp(-1, keepdim=True)
         rest = (1.0 - topk.logprobs.to(dtype).exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        teacher, log_qb = torch.cat([teacher, rest.log() / tau], -1), torch.cat([q_top, q_rest], -1)
+        others = student_logits.size(-1) - topk.ids.size(-1)
+        log_rest = rest.log() / tau + math.log(others) * (1 - 1 / tau)
+        teacher, log_qb = torch.cat([teacher, log_rest], -1), torch.cat([q_top, q_rest], -1)
     else:
         log_qb = q_top
     log_p = torch.log_softmax(teacher, dim=-1)
