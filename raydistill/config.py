@@ -480,6 +480,30 @@ class MonitoringSpec(Strict):
         "when the output is a terminal)")
 
 
+class TeacherCacheSpec(Strict):
+    """The teacher's top-K log-probabilities and ids for every training and validation batch, computed once
+    (before training) and read by every run or sweep trial with the same teacher, data and batch layout."""
+
+    top_k: int = Field(64, ge=1, le=65536, description="K: the teacher's most probable tokens stored per position; "
+                       "at least what the objectives read (objectives.kd.top_k, td's action set)")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage of the log-probabilities (ids are int32); float32 is exact, 16-bit halves "
+        "the values' bytes")
+    uri: str | None = Field(None, description="where the cache lives: a directory, s3:// or gs://; default: "
+                            "STORAGE/NAME/teacher_cache in a sweep, CACHE_DIR/teacher_cache for a run")
+    max_gb: float = Field(20.0, gt=0, description="refuse a cache larger than this (GB of 1e9 bytes)")
+
+    def bytes_per_token(self) -> int:
+        return self.top_k * ((4 if self.dtype == "float32" else 2) + 4)
+
+    def footprint(self, cfg: "ExperimentConfig") -> tuple[int, int]:
+        """(positions, bytes) the cache holds for ``cfg``: every training micro-batch of every worker and the
+        validation batches, block_size positions per row (padding included: rows are stored whole)."""
+        t, per_row = cfg.train, cfg.data.block_size
+        rows = (t.max_steps * t.grad_accum + t.eval_batches) * t.batch_size * cfg.scaling.num_workers
+        return rows * per_row, rows * per_row * self.bytes_per_token()
+
+
 # ----------------------------------------------------------------------------------------------- objectives
 def _objectives_model() -> type[BaseModel]:
     """One optional field per registered objective, so unknown names and settings are schema errors."""
@@ -535,6 +559,9 @@ class ExperimentConfig(Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    teacher_cache: TeacherCacheSpec | None = Field(
+        None, description="read the teacher's top-K signals from a cache filled once (README 'Teacher cache'); "
+        "unset: the teacher runs in every step")
 
     @field_validator("name")
     @classmethod
@@ -572,7 +599,20 @@ class ExperimentConfig(Strict):
                 None, self.teacher.config_overrides.get("hidden_size")):
             raise ValueError("student.init 'teacher' copies teacher weights, so the student cannot change "
                              "hidden_size; use student.init=random")
+        if self.teacher_cache is not None:
+            self._check_teacher_cache(self.teacher_cache)
         return self
+
+    def _check_teacher_cache(self, tc: TeacherCacheSpec) -> None:
+        if self.prompts is not None:
+            raise ValueError("teacher_cache: the cache holds the teacher's signals on corpus batches, but prompts is "
+                             "set (responses sampled by the teacher or the student); unset teacher_cache")
+        positions, size = tc.footprint(self)
+        if size > tc.max_gb * 1e9:
+            raise ValueError(
+                f"teacher_cache.max_gb {tc.max_gb:g}: the cache would hold {size / 1e9:.3g} GB ({positions:,} positions "
+                f"x {tc.bytes_per_token()} bytes: top_k {tc.top_k} x ({tc.dtype} value + int32 id)); allowed: raise "
+                "teacher_cache.max_gb, or lower teacher_cache.top_k or train.max_steps")
 
     @model_validator(mode="after")
     def _model_options(self):

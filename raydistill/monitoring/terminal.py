@@ -21,7 +21,7 @@ from raydistill.monitoring import board as B
 POLL_S = 1.0
 # Pauses of a training run for validation or a checkpoint, and the phases with a step count they interrupt.
 _PAUSES = (B.VALIDATION, B.CHECKPOINT)
-_COUNTED = (B.TRAINING, B.PRETRAINING)
+_COUNTED = (B.TRAINING, B.PRETRAINING, B.TEACHER_CACHE)
 
 
 def is_live(mode: Literal["auto", "live", "plain"]) -> bool:

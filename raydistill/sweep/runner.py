@@ -455,6 +455,11 @@ def _run_sweep(sweep: Sweep, resume_path: str | None, display: Display) -> dict[
         teacher_scores = None
     display.close()  # its last state stays on screen; the leaderboard follows it
     out = finish(sweep, directory, grid)
+    if plan.teacher_cache is not None:
+        from raydistill.train.teacher_cache import sweep_reuse
+
+        rows = sweep_rows(sweep, list(getattr(grid, "_experiment_analysis").trials))
+        out["teacher_cache"] = sweep_reuse(base_cfg, plan.teacher_cache, rows)
     if teacher_scores is not None:
         out["teacher"] = teacher_scores
     out["free_cpus"], out["total_cpus"] = _settled_cpus()

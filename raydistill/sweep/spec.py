@@ -154,10 +154,18 @@ class Sweep:
         for path, value in values.items():
             set_path(data, path, value)
         data.update(output_dir=output_dir, name=name)
-        return validate_config(data)
+        return self._shared_storage(validate_config(data))
 
     def base_config(self) -> ExperimentConfig:
-        return validate_config(self.base)
+        return self._shared_storage(validate_config(self.base))
+
+    def _shared_storage(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """A sweep's teacher cache lives in its storage by default (STORAGE/NAME/teacher_cache): every trial, on
+        any node, reads what the sweep's driver filled."""
+        if cfg.teacher_cache is not None and cfg.teacher_cache.uri is None:
+            base, sep, query = self.dir.partition("?")
+            cfg.teacher_cache.uri = f"{base}/teacher_cache{sep}{query}"
+        return cfg
 
     def to_yaml(self) -> str:
         """The sweep with its base inlined, so a resume does not depend on files that may have changed."""

@@ -161,7 +161,9 @@ def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float
         monitor.post(phase=phases.BENCHMARKS)
     scores = run_benchmarks(sweep, cfg, plan.export_dir, trial_dir)
     export_dir = plan.export_dir if sweep.is_local else upload_outputs(sweep, trial_dir, plan.export_dir)
-    result = {**final, **scores, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1}
+    cache = {f"teacher_cache/{k}": plan.teacher_cache.stats[k] for k in ("reused_files", "computed_files")} \
+        if plan.teacher_cache is not None else {}
+    result = {**final, **scores, **cache, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1}
     # Saved, then the end event, then reported: once the end event exists the trial never runs again.
     write_text_atomic(trial_dir / FINAL_RESULT, json.dumps(result))
     _log(trial_dir, "end", **scores)

@@ -304,12 +304,16 @@ def ensure_teacher(cfg: ExperimentConfig, plan: RunPlan, monitor: Monitor | None
 
 
 def with_teacher(cfg: ExperimentConfig, plan: RunPlan, monitor: Monitor | None = None) -> RunPlan:
-    """Point a distillation plan at its pretrained teacher (training it first if it is not cached)."""
+    """Point a distillation plan at its pretrained teacher (training it first if it is not cached), then at its
+    teacher cache (filling what the run needs first) when ``teacher_cache`` is set."""
+    from raydistill.train import teacher_cache
+
     if plan.mode == "distill":
         teacher_dir = ensure_teacher(cfg, plan, monitor)
         if teacher_dir is not None:
             plan.teacher_source = teacher_dir
             plan.notes = [n for n in plan.notes if "randomly initialised" not in n]
+        plan = teacher_cache.attach(cfg, plan, monitor)
     return plan
 
 

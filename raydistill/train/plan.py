@@ -86,6 +86,7 @@ class RunPlan:
     prompts: PromptPlan | None = None  # None: the main objectives train on the corpus blocks (regime a)
     streams: dict[str, StreamPlan] = field(default_factory=dict)
     rouge: RougePlan | None = None
+    teacher_cache: Any = None  # teacher_cache.CacheUse once the cache covers the run (launcher.with_teacher)
 
     def fetch_blocks(self) -> tuple[Blocks | ShardedBlocks, Blocks | ShardedBlocks]:
         if self.blocks is not None:
@@ -198,7 +199,11 @@ def _prepare(cfg: ExperimentConfig, mode: Mode, session: DataSession) -> RunPlan
     _check_vocab(student_cfg, tok, "student")
     info = model_info(teacher_cfg, student_cfg)
     objectives = cfg.active_objectives()
-    build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
+    built = build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
+    if cfg.teacher_cache is not None:
+        from raydistill.train.teacher_cache import check_top_k
+
+        check_top_k(cfg, built)
     max_positions = min((n for n in (_max_positions(teacher_cfg), _max_positions(student_cfg)) if n), default=None)
     prompt_sets = None
     if cfg.prompts is not None:

@@ -107,10 +107,15 @@ class Worker:
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank
         teacher, student, error = None, None, None
+        # The teacher cache covering every teacher need: the teacher is loaded at most to initialise the student.
+        cached = plan.teacher_cache is not None and not plan.teacher_cache.online
+        self.teacher_cache = None
         try:
-            if plan.teacher_config is not None:  # distillation (a preset teacher has no source: random init)
-                teacher = self._load("teacher", plan.teacher_config, plan.teacher_source, plan.teacher_revision,
-                                     cfg.teacher)
+            if plan.teacher_config is not None and not (cached and plan.init_layers is None):
+                # On a forked generator: the student's random init is the same whether the teacher is loaded or not.
+                with torch.random.fork_rng(devices=[]):
+                    teacher = self._load("teacher", plan.teacher_config, plan.teacher_source, plan.teacher_revision,
+                                         cfg.teacher)
                 teacher.requires_grad_(False).eval()
             # Teacher mode trains the teacher: its section's attention kernel, its dtype from train.precision.
             trained = cfg.teacher if plan.mode == "teacher" else cfg.student
@@ -120,9 +125,19 @@ class Worker:
                 init_from_teacher(student, teacher, plan.init_layers, plan.block_paths[0])
             if plan.mode != "teacher":
                 prepare_student(student, cfg.student, plan.block_paths[0])
+            if plan.teacher_cache is not None:
+                from raydistill.train.teacher_cache import Reader
+
+                self.teacher_cache = Reader(plan.teacher_cache, self.rank)
+                teacher = None if cached else teacher
         except (RunFailure, ConfigError) as e:
             error = e.message if isinstance(e, RunFailure) else str(e)
         self._agree(error)  # every rank stops together (a rank alone would hang in DeepSpeed's collectives)
+        if self.teacher_cache is not None and self.is_main:
+            teacher_note = ("is not loaded" if plan.init_layers is None else "was loaded only to initialise the "
+                            "student") if cached else f"still runs ({'; '.join(plan.teacher_cache.online)})"
+            print(f"[raydistill] teacher top-K signals from the teacher cache {plan.teacher_cache.root}; the teacher "
+                  f"{teacher_note}", flush=True)
         if teacher is not None and teacher_dtype(cfg) is not None:
             teacher.to(teacher_dtype(cfg))
 
@@ -355,7 +370,7 @@ class Worker:
     # ------------------------------------------------------------------------------------------- loop
     def micro_batches(self, step: int) -> list[tuple[dict, dict]]:
         """Step ``step``'s (batch, {stream: batch}) per micro-step, on the CPU (built by the prefetch thread)."""
-        return [(self.train_data.batch(step, micro),
+        return [(self._teacher_signals(self.train_data.batch(step, micro), step, micro),
                  {name: data[0].batch(step, micro) for name, data in self.stream_data.items()})
                 for micro in range(self.cfg.train.grad_accum)]
 
@@ -419,6 +434,10 @@ class Worker:
             at += len(keys)
         return out
 
+    def _teacher_signals(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> dict[str, torch.Tensor]:
+        """``batch`` with its teacher signals from the teacher cache, when the run reads one."""
+        return batch if self.teacher_cache is None else self.teacher_cache.signals(batch, step, micro)
+
     def _any_rank(self, flag: torch.Tensor) -> bool:
         flag = flag.detach().reshape(1).float().clone()
         if self.world > 1:
@@ -463,7 +482,8 @@ class Worker:
     def _validation_losses(self) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
         """Every term as one mean over all validation batches of all ranks, like a training step's."""
         module, t = self.engine.module, self.cfg.train
-        batches = [_to(b, self.device) for b in self.val_data.eval_batches(t.eval_batches, seed=t.seed)]
+        batches = [_to(self._teacher_signals(b, 0, n), self.device)  # validation batches are step 0's
+                   for n, b in enumerate(self.val_data.eval_batches(t.eval_batches, seed=t.seed))]
         stream_batches = {name: [_to(b, self.device) for b in data[1].eval_batches(t.eval_batches, seed=t.seed)]
                           for name, data in self.stream_data.items()}
         items = [(batch, {name: sb[n % len(sb)] for name, sb in stream_batches.items()})
