@@ -281,6 +281,18 @@ def bench_sweep(as_json: bool = typer.Option(False, "--json", help="print one JS
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench_app.command("teacher-cache")
+def bench_teacher_cache(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                        trials: int = typer.Option(4), steps: int = typer.Option(20, help="training steps per trial"),
+                        top_k: int = typer.Option(64, help="kd top_k and the cache's K"),
+                        dtype: str = typer.Option("float16", help="cache value dtype: float16, bfloat16, float32")):
+    """N trials of sparse KD with the teacher online vs from the teacher cache (filled once), side by side."""
+    from raydistill.bench.teacher_cache import bench_teacher_cache as run_bench
+
+    result = run_bench(trials=trials, steps=steps, top_k=top_k, dtype=dtype)
+    typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
 @bench_app.command("data")
 def bench_data(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
                tokens: str = typer.Option("10000000,100000000", help="comma-separated corpus sizes (tokens)"),

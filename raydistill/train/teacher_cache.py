@@ -231,9 +231,9 @@ class Filler:
     def __init__(self, cfg, plan, root: str):
         self.cfg, self.plan, self.root = cfg, plan, root
         self.teacher = None
+        self.samplers = None
 
-    def _load(self) -> None:
-        from raydistill.data.blocks import BatchSampler
+    def _load_teacher(self) -> None:
         from raydistill.models.loading import build_model
 
         cfg, plan, t = self.cfg, self.plan, self.cfg.train
@@ -244,19 +244,24 @@ class Filler:
             teacher.to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
         self.device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = teacher.to(self.device)
-        blocks = plan.fetch_blocks()
-        world = cfg.scaling.num_workers
-        common = dict(batch_size=t.batch_size, world_size=world, seed=t.seed, mlm_probability=cfg.data.mlm_probability)
-        self.train = [BatchSampler(blocks[0], plan.token_info, grad_accum=t.grad_accum, rank=r, **common)
-                      for r in range(world)]
-        self.val = [BatchSampler(blocks[1], plan.token_info, grad_accum=1, rank=r, **common) for r in range(world)]
 
     def batches(self, step: int, rank: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches rank ``rank`` trains on at ``step`` (validation: its evaluation batches)."""
+        """The micro-batches rank ``rank`` trains on at ``step`` (validation: its evaluation batches), built by
+        the samplers ``Worker.build`` builds."""
+        from raydistill.data.blocks import BatchSampler
+
+        cfg, t = self.cfg, self.cfg.train
+        if self.samplers is None:
+            blocks = self.plan.fetch_blocks()
+            common = dict(batch_size=t.batch_size, world_size=cfg.scaling.num_workers, seed=t.seed,
+                          mlm_probability=cfg.data.mlm_probability)
+            self.samplers = [(BatchSampler(blocks[0], self.plan.token_info, grad_accum=t.grad_accum, rank=r, **common),
+                              BatchSampler(blocks[1], self.plan.token_info, grad_accum=1, rank=r, **common))
+                             for r in range(cfg.scaling.num_workers)]
+        train, val = self.samplers[rank]
         if step == VAL_STEP:
-            t = self.cfg.train
-            return list(self.val[rank].eval_batches(t.eval_batches, seed=t.seed))
-        return [self.train[rank].batch(step, micro) for micro in range(self.cfg.train.grad_accum)]
+            return list(val.eval_batches(t.eval_batches, seed=t.seed))
+        return [train.batch(step, micro) for micro in range(t.grad_accum)]
 
     @torch.no_grad()
     def compute(self, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +269,7 @@ class Filler:
         from raydistill.train.step import MODEL_INPUTS
 
         if self.teacher is None:
-            self._load()
+            self._load_teacher()
         values, ids = [], []
         for batch in self.batches(step, rank):
             logits = self.teacher(**{k: batch[k].to(self.device) for k in MODEL_INPUTS}).logits
