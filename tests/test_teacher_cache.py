@@ -214,3 +214,25 @@ def test_cache_on_s3(tmp_path, cache_dir, s3_server):
     remote_sig = TC.Reader(plan.teacher_cache, 0).signals(batch, 1, 1)
     local_sig = TC.Reader(local, 0).signals(batch, 1, 1)
     assert all(torch.equal(remote_sig[k], local_sig[k]) for k in (TC.LOGPROBS, TC.IDS))
+
+
+def test_a_sweep_keeps_its_cache_in_its_storage_and_sums_what_trials_read(tmp_path, capsys):
+    from raydistill.sweep.spec import load_sweep
+
+    base = {"teacher": {"name": "tiny-gpt2"}, "objectives": {"kd": {"weight": 1.0, "top_k": 8}},
+            "train": {"max_steps": 10, "batch_size": 2, "grad_accum": 3}, "data": {"block_size": 16},
+            "scaling": {"num_workers": 2}, "teacher_cache": {"top_k": 8}}
+    for storage, expected in [(str(tmp_path / "sweeps"), f"{tmp_path}/sweeps/s/teacher_cache"),
+                              ("s3://bucket/sw?region=x", "s3://bucket/sw/s/teacher_cache?region=x")]:
+        sweep = load_sweep(None, [], data={"name": "s", "base": base, "storage_path": storage,
+                                           "space": {"train.lr": {"choice": [1e-3, 2e-3]}}})
+        assert sweep.base_config().teacher_cache.uri == expected
+        assert sweep.trial_config({"train.lr": 1e-3}, output_dir="x", name="t1").teacher_cache.uri == expected
+    cfg = sweep.base_config()
+    use = TC.CacheUse(root="r", key="k", top_k=8, dtype="float16",
+                      stats={"computed_files": 22, "reused_files": 0, "teacher_forwards": 64, "fill_s": 1.5})
+    rows = [{"step": 10, "teacher_cache/computed_files": 0}, {"step": 4}]  # the second one stopped early
+    out = TC.sweep_reuse(cfg, use, rows)
+    # 14 steps x 3 micro-batches x 2 rows x 16 positions x 2 workers
+    assert out["steps_read"] == 14 and out["tokens_read"] == 14 * 3 * 2 * 16 * 2 and out["files_computed"] == 22
+    assert "trials read 14 steps (2,688 tokens)" in capsys.readouterr().out
