@@ -14,12 +14,13 @@ sweep (fill included), the bytes stored, and how far the cached trials' losses a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -60,7 +61,8 @@ def _trial(cfg, plan, lr: float, cached: bool) -> dict:
     torch.manual_seed(t.seed)
     teacher, counter = None, None
     if not cached:
-        teacher = build_model(plan.teacher_config, plan.teacher_source).eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # as the workers: the student's init does not depend on it
+            teacher = build_model(plan.teacher_config, plan.teacher_source).eval().requires_grad_(False)
         counter = _Counter(teacher)
     student = build_model(plan.student_config, plan.student_source)
     module = DistillModule(student, build_objectives(plan.objectives, plan.info), plan.info)
@@ -77,16 +79,28 @@ def _trial(cfg, plan, lr: float, cached: bool) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return {"wall_s": time.perf_counter() - start, "teacher_forwards": counter.calls if counter else 0,
             "losses": losses}
 
 
 def bench_teacher_cache(trials: int = 4, steps: int = 20, top_k: int = 64, batch_size: int = 8,
-                        block_size: int = 128, dtype: str = "float16") -> dict:
+                        block_size: int = 128, dtype: str = "float16", threads: int = 1) -> dict:
+    # One thread, as each Ray worker with one CPU gets: two threads on a busy 2-core machine spin-wait (a teacher
+    # forward measured 4.7x slower with 2 threads than with 1 while other processes ran).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _bench(trials, steps, top_k, batch_size, block_size, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench(trials: int, steps: int, top_k: int, batch_size: int, block_size: int, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(f"{tmp}/run", f"{tmp}/cache", steps, top_k, batch_size, block_size, dtype)
-        plan = prepare(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout is the result
+            plan = prepare(cfg)
         teacher = build_model(plan.teacher_config, None)
         student = build_model(plan.student_config, None)
         info = plan.info
@@ -101,7 +115,7 @@ def bench_teacher_cache(trials: int = 4, steps: int = 20, top_k: int = 64, batch
         lrs = [cfg.train.lr * f for f in (0.5, 1.0, 2.0, 4.0, 0.25, 8.0)][:trials] + \
             [cfg.train.lr] * max(0, trials - 6)
         began = time.perf_counter()
-        plan = TC.attach(cfg, plan)  # the sweep's fill: once, before the cached trials
+        plan = TC.attach(cfg, plan, out=sys.stderr)  # the sweep's fill: once, before the cached trials
         fill_s = time.perf_counter() - began
         manifest = TC.read_manifest(plan.teacher_cache.root)
         stored = sum(e["bytes"] for e in manifest["entries"].values())
