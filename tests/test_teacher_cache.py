@@ -50,7 +50,8 @@ def test_key_changes_with_each_ingredient_and_nothing_else(tmp_path, cache_dir):
         assert _key(_cfg(tmp_path, cache_dir, item)) == k0, item
     differ = ["teacher.config_overrides.n_layer=2", "train.precision=bf16", "tokenizer.vocab_size=300",
               "data.builtin.seed=1", "data.block_size=16", "train.seed=1", "train.batch_size=4", "train.grad_accum=1",
-              "scaling.num_workers=1", "teacher_cache.top_k=32", "teacher_cache.dtype=float16"]
+              "scaling.num_workers=1", "teacher_cache.top_k=32", "teacher_cache.dtype=float16",
+              "teacher.torch_dtype=bfloat16", "teacher.attn_implementation=eager"]
     keys = {item: _key(_cfg(tmp_path, cache_dir, item)) for item in differ}
     assert k0 not in keys.values() and len(set(keys.values())) == len(differ), keys
     # A teacher directory: its weight files' size and mtime identify it.

@@ -77,7 +77,8 @@ def ingredients(cfg, plan) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "teacher": model_identity(plan.teacher_source, plan.teacher_revision, plan.teacher_config.to_json_string(),
-                                  t.seed, t.precision),
+                                  t.seed, t.precision,
+                                  cfg.teacher.model_dump(include={"torch_dtype", "attn_implementation"})),
         "tokenizer": tokenizer_fingerprint(plan.tokenizer),
         "data": [blocks_digest(b) for b in blocks],
         "mlm_probability": cfg.data.mlm_probability if plan.token_info.is_encoder else None,
@@ -234,14 +235,14 @@ class Filler:
         self.samplers = None
 
     def _load_teacher(self) -> None:
-        from raydistill.models.loading import build_model
+        from raydistill.models.loading import build_model, teacher_dtype
 
-        cfg, plan, t = self.cfg, self.plan, self.cfg.train
-        torch.manual_seed(t.seed)  # as Worker.build: a random-init teacher gets the workers' weights
-        teacher = build_model(plan.teacher_config, plan.teacher_source, plan.teacher_revision)
+        cfg, plan = self.cfg, self.plan
+        torch.manual_seed(cfg.train.seed)  # as Worker.build: a random-init teacher gets the workers' weights
+        teacher = build_model(plan.teacher_config, plan.teacher_source, plan.teacher_revision, cfg.teacher)
         teacher.requires_grad_(False).eval()
-        if t.precision != "fp32":
-            teacher.to(torch.bfloat16 if t.precision == "bf16" else torch.float16)
+        if teacher_dtype(cfg) is not None:  # the dtype the workers run it in
+            teacher.to(teacher_dtype(cfg))
         self.device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = teacher.to(self.device)
 
