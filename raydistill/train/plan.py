@@ -201,9 +201,9 @@ def _prepare(cfg: ExperimentConfig, mode: Mode, session: DataSession) -> RunPlan
     objectives = cfg.active_objectives()
     built = build_objectives(objectives, info)  # constructors validate layer indices etc. against the shapes
     if cfg.teacher_cache is not None:
-        from raydistill.train.teacher_cache import check_top_k
+        from raydistill.objectives.teacher_signals import check_cache_columns
 
-        check_top_k(cfg, built)
+        check_cache_columns(cfg.teacher_cache.top_k, built)
     max_positions = min((n for n in (_max_positions(teacher_cfg), _max_positions(student_cfg)) if n), default=None)
     prompt_sets = None
     if cfg.prompts is not None:

@@ -105,18 +105,6 @@ def topk_need(objectives: dict) -> int:
     return need.teacher_topk
 
 
-def check_top_k(cfg, objectives: dict, where: str = "objectives") -> None:
-    """Refuse a cache holding fewer teacher tokens than an objective reads (before any cluster work)."""
-    tc = cfg.teacher_cache
-    short = {name: obj.needs().teacher_topk for name, obj in objectives.items()
-             if obj.needs().teacher_topk > tc.top_k}
-    if short:
-        named = ", ".join(f"{where}.{name} reads the teacher's top {k}" for name, k in sorted(short.items()))
-        raise ConfigError(f"teacher_cache.top_k {tc.top_k}: {named} (objectives.kd.top_k, objectives.td.action_space.k "
-                          "for kind top_k, objectives.td.action_space.max_k for kind top_p); allowed: "
-                          f"teacher_cache.top_k >= {max(short.values())}, or lower those settings")
-
-
 def online_reasons(cfg, plan, needs: Needs, stream_needs: dict[str, Needs]) -> list[str]:
     """Why the teacher must still run in the workers although the cache is used (empty: it is not loaded)."""
     out = []
@@ -353,6 +341,7 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
     """Driver side, before training: check the cache covers the run (filling what is missing) and point the
     plan at it (``plan.teacher_cache``). Prints the storage cost before filling and what was reused."""
     from raydistill.objectives import build_objectives
+    from raydistill.objectives.teacher_signals import check_cache_columns
 
     out = out or sys.stdout
     if cfg.teacher_cache is None or plan.mode != "distill":
@@ -363,7 +352,7 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
         print("[raydistill] note: teacher_cache is set but no objective reads the teacher's top-K (e.g. "
               "objectives.kd.top_k); the teacher runs as usual", file=out, flush=True)
         return plan
-    check_top_k(cfg, objectives)
+    check_cache_columns(cfg.teacher_cache.top_k, objectives)
     tc, t = cfg.teacher_cache, cfg.train
     ingr = ingredients(cfg, plan)
     key = cache_key(ingr)
