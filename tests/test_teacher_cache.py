@@ -124,9 +124,12 @@ def _train(cfg, plan, teacher, reader, student):
     return losses
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_training_from_the_cache_gives_the_online_losses(tmp_path, cache_dir, dtype):
-    cfg = _cfg(tmp_path, cache_dir, "scaling.num_workers=1", f"teacher_cache.dtype={dtype}")
+TD = ["objectives.kd.weight=0", "objectives.td.weight=1", "objectives.td.action_space={kind: top_k, k: 12}"]
+
+
+@pytest.mark.parametrize("dtype,objective", [("float32", []), ("float16", []), ("float32", TD)])
+def test_training_from_the_cache_gives_the_online_losses(tmp_path, cache_dir, dtype, objective):
+    cfg = _cfg(tmp_path, cache_dir, "scaling.num_workers=1", f"teacher_cache.dtype={dtype}", *objective)
     plan = TC.attach(cfg, prepare(cfg))
     teacher = _teacher(cfg, plan)
     torch.manual_seed(1)
