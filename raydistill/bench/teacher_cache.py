@@ -33,7 +33,7 @@ from raydistill.train import teacher_cache as TC
 from raydistill.train.plan import prepare
 from raydistill.train.step import DistillModule
 
-TEACHER = {"n_layer": 6, "n_embd": 256, "n_head": 4}
+TEACHER = {"n_layer": 8, "n_embd": 256, "n_head": 4}
 STUDENT = {"n_embd": 64, "n_head": 4}
 
 
