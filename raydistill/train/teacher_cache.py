@@ -326,13 +326,13 @@ def run_fill(cfg, plan, root: str, units: list[tuple[int, int]], manifest: dict,
     options = {"num_cpus": s.cpus_per_worker, "num_gpus": s.gpus_per_worker if s.use_gpu else 0,
                "resources": dict(s.resources_per_worker)}
     remote = ray.remote(Filler).options(**options)
-    pool = ActorPool([remote.remote(cfg, plan, root) for _ in range(actors)])
+    handles = [remote.remote(cfg, plan, root) for _ in range(actors)]
     try:
         # Chunks of several steps (each actor loads the teacher once), a few per actor for progress.
-        for part in pool.map_unordered(lambda a, chunk: a.run.remote(chunk), _chunks(units, actors * 4)):
+        for part in ActorPool(handles).map_unordered(lambda a, chunk: a.run.remote(chunk), _chunks(units, actors * 4)):
             finished(part)
     finally:
-        for actor in list(pool._idle_actors) + [a for a, _ in pool._future_to_actor.values()]:
+        for actor in handles:  # free their CPUs/GPUs for the training workers now
             ray.kill(actor)
     return entries
 
