@@ -32,12 +32,21 @@ def metrics_cluster():
     import ray
 
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    # Ray Train's run view, as a user who exports RAY_TRAIN_ENABLE_STATE_TRACKING=1 gets it: without a dashboard
+    # (it is off here to start faster) raydistill would leave it off.
+    chosen, launcher._USER_STATE_TRACKING = launcher._USER_STATE_TRACKING, "1"
+    env = os.environ.get(launcher.STATE_TRACKING)
     try:
         launcher.init_ray(load_config(None, ["teacher.name=tiny-gpt2", "ray.dashboard=false"]))
         yield
     finally:
         ray.shutdown()
         os.environ.pop("RAY_metrics_report_interval_ms", None)
+        launcher._USER_STATE_TRACKING = chosen
+        if env is None:
+            os.environ.pop(launcher.STATE_TRACKING, None)
+        else:
+            os.environ[launcher.STATE_TRACKING] = env
 
 
 RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}  # Ray's, per process
@@ -105,7 +114,7 @@ def test_a_train_run_exports_its_numbers_to_prometheus(metrics_cluster, tmp_path
         assert line + "\n" in out, (line, out[-3000:])
     assert "\x1b[2K" not in out  # no redraws
 
-    # Ray Train's run view (the dashboard's Train tab) is on: its state actor knows the run.
+    # Ray Train's run view (the dashboard's Train tab) is on when chosen: its state actor knows the run.
     import ray
 
     state = ray.get_actor("train_v2_state_actor", namespace="_train_state_actor")
