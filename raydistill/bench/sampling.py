@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 
-class Sampler:
+class Sampler(ABC):
     def __init__(self, every_s: float):
         self._every_s = every_s
         self._stop = threading.Event()
@@ -15,8 +16,9 @@ class Sampler:
     def start(self) -> None:
         """Called once in the sampling thread before the first ``sample``."""
 
+    @abstractmethod
     def sample(self) -> None:
-        raise NotImplementedError
+        """One reading, in the sampling thread."""
 
     def _run(self) -> None:
         self.start()
