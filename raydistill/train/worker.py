@@ -138,8 +138,9 @@ class Worker:
                             "student") if cached else f"still runs ({'; '.join(plan.teacher_cache.online)})"
             print(f"[raydistill] teacher top-K signals from the teacher cache {plan.teacher_cache.root}; the teacher "
                   f"{teacher_note}", flush=True)
-        if teacher is not None and teacher_dtype(cfg) is not None:
-            teacher.to(teacher_dtype(cfg))
+        run_dtype = teacher_dtype(cfg)
+        if teacher is not None and run_dtype is not None:
+            teacher.to(run_dtype)
 
         objectives = build_objectives(plan.objectives, plan.info)
         streams = {name: build_objectives(stream.objectives, plan.info) for name, stream in plan.streams.items()}
