@@ -492,9 +492,13 @@ class TeacherCacheSpec(Strict):
     uri: str | None = Field(None, description="where the cache lives: a directory, s3:// or gs://; default: "
                             "STORAGE/NAME/teacher_cache in a sweep, CACHE_DIR/teacher_cache for a run")
     max_gb: float = Field(20.0, gt=0, description="refuse a cache larger than this (GB of 1e9 bytes)")
+    tail_samples: int = Field(0, ge=0, le=4096, description="S: tokens per position drawn from the teacher's "
+                              "distribution outside its top top_k, stored with their log-probabilities; exactly "
+                              "objectives.kd.tail_samples (with objectives.kd.top_k = top_k) when kd reads them")
 
     def bytes_per_token(self) -> int:
-        return self.top_k * ((4 if self.dtype == "float32" else 2) + 4)
+        """Stored bytes per position: a value and an int32 id per top-K column and per tail sample."""
+        return (self.top_k + self.tail_samples) * ((4 if self.dtype == "float32" else 2) + 4)
 
     def footprint(self, cfg: "ExperimentConfig") -> tuple[int, int]:
         """(positions, bytes) the cache holds for ``cfg``: every training micro-batch of every worker and the
@@ -611,8 +615,9 @@ class ExperimentConfig(Strict):
         if size > tc.max_gb * 1e9:
             raise ValueError(
                 f"teacher_cache.max_gb {tc.max_gb:g}: the cache would hold {size / 1e9:.3g} GB ({positions:,} positions "
-                f"x {tc.bytes_per_token()} bytes: top_k {tc.top_k} x ({tc.dtype} value + int32 id)); allowed: raise "
-                "teacher_cache.max_gb, or lower teacher_cache.top_k or train.max_steps")
+                f"x {tc.bytes_per_token()} bytes: (top_k {tc.top_k} + tail_samples {tc.tail_samples}) x ({tc.dtype} value "
+                "+ int32 id)); allowed: raise teacher_cache.max_gb, or lower teacher_cache.top_k, "
+                "teacher_cache.tail_samples or train.max_steps")
 
     @model_validator(mode="after")
     def _model_options(self):

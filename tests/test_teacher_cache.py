@@ -241,3 +241,80 @@ def test_a_sweep_keeps_its_cache_in_its_storage_and_sums_what_trials_read(tmp_pa
     # 14 steps x 3 micro-batches x 2 rows x 16 positions x 2 workers
     assert out["steps_read"] == 14 and out["tokens_read"] == 14 * 3 * 2 * 16 * 2 and out["files_computed"] == 22
     assert "trials read 14 steps (2,688 tokens)" in capsys.readouterr().out
+
+
+TAIL = ["objectives.kd.top_k=8", "objectives.kd.tail_samples=4", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4"]
+
+
+def test_tail_samples_filled_equal_the_steps_online_draw_and_train_alike(tmp_path, cache_dir):
+    """kd with tail samples: the fill stores the samples the training step draws (seeded by the step's seed,
+    ``step_seed(train.seed, step)``; validation: step 0) on every worker's batches, and training from the cache
+    gives the online losses bit for bit."""
+    from raydistill.data.blocks import step_seed
+    from raydistill.objectives.teacher_signals import teacher_tail
+
+    cfg = _cfg(tmp_path, cache_dir, *TAIL)
+    plan = TC.attach(cfg, prepare(cfg))
+    assert plan.teacher_cache.tail_samples == 4 and plan.teacher_cache.online == []
+    teacher, t = _teacher(cfg, plan), cfg.train
+    for rank in range(2):
+        common = dict(batch_size=t.batch_size, rank=rank, world_size=2, seed=t.seed)
+        train = BatchSampler(plan.blocks[0], plan.token_info, grad_accum=t.grad_accum, **common)
+        val = BatchSampler(plan.blocks[1], plan.token_info, grad_accum=1, **common)
+        reader = TC.Reader(plan.teacher_cache, rank)
+        items = [(step, micro, train.batch(step, micro)) for step in (1, 3) for micro in (0, 1)]
+        items += [(0, n, b) for n, b in enumerate(val.eval_batches(t.eval_batches, seed=t.seed))]
+        for step, micro, batch in items:
+            with torch.no_grad():
+                logits = teacher(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            online = teacher_tail(logits, teacher_topk(logits, 8).ids, 4, batch["input_ids"], step_seed(t.seed, step))
+            cached = reader.signals(batch, step, micro)
+            assert torch.equal(cached[TC.TAIL_IDS].long(), online.ids), (step, micro, rank)
+            assert torch.equal(cached[TC.TAIL_LOGPROBS], online.logprobs), (step, micro, rank)
+    # Training: the workers' per-step seed reaches the step as extras["step_seed"].
+    cfg = _cfg(tmp_path, cache_dir, *TAIL, "scaling.num_workers=1")
+    plan = TC.attach(cfg, prepare(cfg))
+    teacher = _teacher(cfg, plan)
+    torch.manual_seed(1)
+    student = build_model(plan.student_config, None)
+    module = DistillModule(student, build_objectives(plan.objectives, plan.info), plan.info).eval()  # no dropout
+    data = BatchSampler(plan.blocks[0], plan.token_info, batch_size=2, grad_accum=2, rank=0, world_size=1,
+                        seed=cfg.train.seed)
+    reader = TC.Reader(plan.teacher_cache, 0)
+    for step, micro in ((1, 0), (2, 1), (3, 0)):
+        batch, extras = data.batch(step, micro), {"step_seed": step_seed(cfg.train.seed, step)}
+        with torch.no_grad():
+            online = module(batch, teacher, extras)[0]
+            cached = module(reader.signals(batch, step, micro), None, extras)[0]
+        assert torch.equal(online, cached), step
+
+
+def test_tail_samples_key_bytes_and_refusals(tmp_path, cache_dir):
+    base = _cfg(tmp_path, cache_dir)
+    plan = prepare(base)
+    assert "tail_samples" not in TC.ingredients(base, plan)  # caches without samples keep their keys
+    with_samples = _cfg(tmp_path, cache_dir, *TAIL)
+    stored_only = _cfg(tmp_path, cache_dir, "objectives.kd.top_k=8", "teacher_cache.top_k=8",
+                       "teacher_cache.tail_samples=8")  # stored, not read: allowed
+    assert len({_key(with_samples), _key(base, plan), _key(stored_only)}) == 3
+    # (8 + 4) x (float32 + int32) bytes per position.
+    assert with_samples.teacher_cache.bytes_per_token() == 96
+    with pytest.raises(ConfigError, match=r"would hold 9.83e-05 GB \(1,024 positions x 96 bytes: \(top_k 8 \+ "
+                                          r"tail_samples 4\).*teacher_cache.tail_samples"):
+        _cfg(tmp_path, cache_dir, *TAIL, "teacher_cache.max_gb=0.00009")
+    few = _cfg(tmp_path, cache_dir, *TAIL[:-1], "teacher_cache.tail_samples=2")
+    with pytest.raises(ConfigError, match=r"holds 2 tail samples per position, but objectives.kd read 4 "
+                                          r"\(objectives.kd.tail_samples\): set teacher_cache.tail_samples to 4"):
+        prepare(few)  # refused where the plan is made, before any fill
+    for other in ("teacher_cache.tail_samples=8", "teacher_cache.top_k=16"):
+        cfg = _cfg(tmp_path, cache_dir, *TAIL, other)
+        with pytest.raises(ConfigError, match=r"drawn outside its top (8|16), but objectives.kd read 4 drawn outside "
+                                              r"the top 8 .*set teacher_cache.tail_samples to 4 and "
+                                              r"teacher_cache.top_k to 8"):
+            prepare(cfg)
+    # A cache without samples serves kd without them; its stored samples are not read by top-K-only kd.
+    cfg = _cfg(tmp_path, cache_dir, "objectives.kd.top_k=8", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4",
+               "train.max_steps=1")
+    use = TC.attach(cfg, prepare(cfg)).teacher_cache
+    assert use.tail_samples == 0
+    assert TC.TAIL_IDS not in TC.Reader(use, 0).signals({"input_ids": torch.zeros(2, 32, dtype=torch.long)}, 1, 0)

@@ -15,6 +15,12 @@ import torch
 from raydistill.data.masking import mask_tokens, next_token_labels
 
 
+def step_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (numpy's SeedSequence), e.g. (train.seed, step): the training loop's per-step
+    randomness, and what the teacher cache's fill draws the same tail samples with."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
 @dataclass
 class Blocks:
     """Packed token ids ``[N, block_size]`` and each row's real length (the rest is padding)."""

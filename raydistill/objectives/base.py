@@ -13,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from raydistill.errors import ConfigError
+
 
 class ObjectiveSettings(BaseModel):
     """Settings every objective has; subclasses add their own fields."""
@@ -37,11 +39,16 @@ class Needs:
     # K: the teacher's K most probable tokens per position and their log-probabilities (``Step.teacher_topk``),
     # computed online from its logits or read from the teacher cache; 0 = not needed.
     teacher_topk: int = 0
+    # (K, S): S tokens per position sampled from the teacher's distribution outside its top K, with their
+    # log-probabilities (``Step.teacher_tail``; online or from the teacher cache); (0, 0) = not needed. K is
+    # also asked of ``teacher_topk``.
+    teacher_tail: tuple[int, int] = (0, 0)
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.teacher_logits or other.teacher_logits, self.student_logits or other.student_logits,
                      self.student_head or other.student_head, self.student_layers | other.student_layers,
-                     self.teacher_layers | other.teacher_layers, max(self.teacher_topk, other.teacher_topk))
+                     self.teacher_layers | other.teacher_layers, max(self.teacher_topk, other.teacher_topk),
+                     _one_tail(self.teacher_tail, other.teacher_tail))
 
     @property
     def teacher(self) -> bool:
@@ -52,6 +59,18 @@ class Needs:
         """Whether the teacher runs in a step: for ``teacher`` needs, or for the top-K signals when the batch
         does not carry them from the cache (``cached_topk``)."""
         return self.teacher or (self.teacher_topk > 0 and not cached_topk)
+
+
+def _one_tail(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The tail samples two needs share: one draw serves one (K, S) pair only (a subset of a stratified draw, or
+    a draw outside another K, is not a draw of the same kind)."""
+    if a[1] == 0 or a == b:
+        return b
+    if b[1] == 0:
+        return a
+    raise ConfigError(f"objectives ask for teacher tail samples (top_k, tail_samples) {a} and {b} in one step; "
+                      "allowed: one (top_k, tail_samples) pair per step (set the same objectives.*.top_k and "
+                      "tail_samples)")
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,15 @@ class TeacherTopK:
     def first(self, k: int) -> "TeacherTopK":
         """The first ``k`` columns: the teacher's top k (``teacher_topk``'s order makes them exactly that)."""
         return TeacherTopK(self.logprobs[..., :k], self.ids[..., :k])
+
+
+@dataclass
+class TeacherTail:
+    """S tokens per position drawn from the teacher's distribution outside its top K
+    (``objectives.teacher_signals.teacher_tail``), with their log-probabilities."""
+
+    logprobs: torch.Tensor  # B x T x S float32: log-softmax at temperature 1 over the FULL vocabulary
+    ids: torch.Tensor  # B x T x S int64
 
 
 @dataclass
@@ -117,6 +145,8 @@ class Step:
     share: float = 1.0
     # The teacher's top-K signals (``Needs.teacher_topk`` columns), online or from the teacher cache.
     teacher_topk: TeacherTopK | None = None
+    # The teacher's tail samples (``Needs.teacher_tail``), online or from the teacher cache.
+    teacher_tail: TeacherTail | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -131,6 +161,19 @@ class Step:
         from raydistill.objectives.teacher_signals import teacher_topk
 
         return teacher_topk(self.teacher.logits, k)
+
+    def tail(self, k: int, s: int) -> TeacherTail:
+        """S tail samples outside the teacher's top ``k``: ``teacher_tail`` (drawn for ``Needs.teacher_tail``), or,
+        on a step that carries only the teacher's logits, drawn from them (seeded by ``extras['step_seed']``)."""
+        from raydistill.objectives.teacher_signals import teacher_tail
+
+        if self.teacher_tail is not None:
+            if self.teacher_tail.ids.size(-1) != s:
+                raise ValueError(f"the step carries {self.teacher_tail.ids.size(-1)} tail samples per position, "
+                                 f"an objective reads {s}")
+            return self.teacher_tail
+        return teacher_tail(self.teacher.logits, self.topk(k).ids, s, self.batch["input_ids"],
+                            self.extras.get("step_seed", 0))
 
 
 class Objective(nn.Module, ABC):

@@ -21,9 +21,10 @@ from torch import nn
 
 from raydistill.models.adapters import capture_block_outputs, capture_input, output_head
 from raydistill.objectives.base import ForwardResult, HeadInput, ModelInfo, Needs, Objective, Step
-from raydistill.objectives.teacher_signals import from_batch, teacher_topk
+from raydistill.objectives.teacher_signals import from_batch, tail_from_batch, teacher_tail, teacher_topk
 
-# What the models read from a batch; other keys (labels, the teacher cache's ``teacher_topk_*``) are not theirs.
+# What the models read from a batch; other keys (labels, the teacher cache's ``teacher_topk_*``, ``teacher_tail_*``)
+# are not theirs.
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
@@ -100,12 +101,16 @@ class DistillModule(nn.Module):
                                 needs.student_logits, needs.student_head)
         # The teacher's top-K signals from the cache when the batch carries them (then the teacher runs only for
         # needs the cache does not cover), else online from its logits, by the same ``teacher_topk``.
+        # The tail samples likewise, seeded by the step's seed so that the cache's fill draws the same.
         topk = from_batch(batch, needs.teacher_topk) if needs.teacher_topk else None
+        tail_k, tail_s = needs.teacher_tail
+        tail = tail_from_batch(batch, tail_s) if tail_s else None
+        cached = topk is not None and (tail_s == 0 or tail is not None)
         teacher_out = None
-        if needs.teacher_runs(cached_topk=topk is not None):
+        if needs.teacher_runs(cached_topk=cached):
             if teacher is None:
                 raise RuntimeError("an active objective needs the teacher, but none was given")
-            online_topk = needs.teacher_topk > 0 and topk is None
+            online_topk = needs.teacher_topk > 0 and not cached
             # no_grad, not inference_mode: inference tensors would need copies (B x T x V for the logits)
             # before objectives could save them for backward, and ZeRO-3 writes to parameters in forward.
             with torch.no_grad():
@@ -113,13 +118,16 @@ class DistillModule(nn.Module):
                                         needs.teacher_logits or online_topk)
             if online_topk:
                 topk = teacher_topk(teacher_out.logits, needs.teacher_topk)
+                if tail_s:
+                    tail = teacher_tail(teacher_out.logits, topk.first(tail_k).ids, tail_s, batch["input_ids"],
+                                        (extras or {}).get("step_seed", 0))
                 if not needs.teacher_logits:
                     teacher_out.logits = None  # nothing reads them: free the B x T x V tensor now
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,
                             "teacher_block_path": self.teacher_block_path, **(extras or {})},
-                    counts=counts, share=share, teacher_topk=topk)
+                    counts=counts, share=share, teacher_topk=topk, teacher_tail=tail)
         logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["input_ids"].device)
         for name, objective in objectives.items():

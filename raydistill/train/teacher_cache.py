@@ -10,11 +10,13 @@ Key (``ingredients``): the teacher's identity and precision (``generation.model_
 directory's weight files, a hub id and revision, or a random preset's config and init seed), the tokenizer's
 fingerprint, the packed corpus (its content hash and block size, or the blocks' bytes when in memory), the
 masking probability (encoders), the data seed (``train.seed``), the batch layout (batch size, micro-batches,
-workers), K and the value dtype. ``train.max_steps`` and ``train.eval_batches`` are not in it: the cache
+workers), K, the value dtype and, when stored, the number of tail samples S (``teacher_cache.tail_samples``). ``train.max_steps`` and ``train.eval_batches`` are not in it: the cache
 holds steps, and a longer run adds the steps it lacks.
 
 Layout under ``ROOT/<key>/``: ``train/<step>/r<rank>.npz`` (all micro-batches of one optimiser step on one
-rank: ``logprobs`` [micro, B, T, K] in the value dtype, bfloat16 stored as its int16 bits, and ``ids`` int32),
+rank: ``logprobs`` [micro, B, T, K] in the value dtype, bfloat16 stored as its int16 bits, and ``ids`` int32;
+with tail samples also ``tail_logprobs`` and ``tail_ids`` [micro, B, T, S], drawn outside the top K with the
+training step's seed by ``teacher_signals.teacher_tail``, as the step draws them online),
 ``val/0000000/r<rank>.npz`` (the fixed validation batches, one per "micro" index), and ``manifest.json``:
 the ingredients and one entry per file with its size and sha256. Shards are written atomically (temporary
 name + rename locally, one PUT on object storage) before the manifest lists them, and the manifest is
@@ -53,6 +55,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 VAL_STEP = 0  # validation batches are seeded with step 0, which never trains
 LOGPROBS, IDS = "teacher_topk_logprobs", "teacher_topk_ids"
+TAIL_LOGPROBS, TAIL_IDS = "teacher_tail_logprobs", "teacher_tail_ids"
 PROGRESS_EVERY_S = 5.0
 
 
@@ -86,6 +89,8 @@ def ingredients(cfg, plan) -> dict[str, Any]:
         "layout": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "workers": cfg.scaling.num_workers,
                    "block_size": cfg.data.block_size},
         "top_k": tc.top_k, "dtype": tc.dtype,
+        # Only when stored, so that caches without tail samples keep their keys.
+        **({"tail_samples": tc.tail_samples} if tc.tail_samples else {}),
     }
 
 
@@ -128,6 +133,7 @@ class CacheUse:
     key: str
     top_k: int  # what the objectives read: the stored K is cut to it
     dtype: str
+    tail_samples: int = 0  # the tail samples the objectives read (0: those stored, if any, are not attached)
     online: list[str] = field(default_factory=list)  # why the teacher still runs (empty: not loaded)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -167,21 +173,31 @@ def file_size(root: str, name: str) -> int | None:
     return info.size if info.type == pafs.FileType.File else None
 
 
-def encode(logprobs: torch.Tensor, ids: torch.Tensor, dtype: str) -> bytes:
+def _values(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
     values = logprobs.to(getattr(torch, dtype)).cpu()
-    array = values.view(torch.int16).numpy() if dtype == "bfloat16" else values.numpy()
+    return values.view(torch.int16).numpy() if dtype == "bfloat16" else values.numpy()
+
+
+def encode(logprobs: torch.Tensor, ids: torch.Tensor, dtype: str,
+           tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> bytes:
+    """One file's arrays (``logprobs``, ``ids``; ``tail_logprobs``, ``tail_ids`` when ``tail`` is given)."""
+    arrays = {"logprobs": _values(logprobs, dtype), "ids": ids.to(torch.int32).cpu().numpy()}
+    if tail is not None:
+        arrays.update(tail_logprobs=_values(tail[0], dtype), tail_ids=tail[1].to(torch.int32).cpu().numpy())
     buf = io.BytesIO()
-    np.savez(buf, logprobs=array, ids=ids.to(torch.int32).cpu().numpy())
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
-def decode(data: bytes, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(data: bytes, dtype: str) -> dict[str, torch.Tensor]:
+    """``encode``'s arrays by name, the values in their stored dtype (bfloat16 from its int16 bits)."""
     with np.load(io.BytesIO(data)) as z:
-        values, ids = z["logprobs"], z["ids"]
-    tensor = torch.from_numpy(values)
+        arrays = {name: torch.from_numpy(z[name]) for name in z.files}
     if dtype == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor, torch.from_numpy(ids)
+        for name in ("logprobs", "tail_logprobs"):
+            if name in arrays:
+                arrays[name] = arrays[name].view(torch.bfloat16)
+    return arrays
 
 
 def read_manifest(root: str) -> dict | None:
@@ -253,26 +269,36 @@ class Filler:
         return [train.batch(step, micro) for micro in range(t.grad_accum)]
 
     @torch.no_grad()
-    def compute(self, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from raydistill.objectives.teacher_signals import teacher_topk
+    def compute(self, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """The top-K values and ids of ``(step, rank)``'s micro-batches, [micro, B, T, K], and their tail samples'
+        ([micro, B, T, S] each) when the cache stores them."""
+        from raydistill.data.blocks import step_seed
+        from raydistill.objectives.teacher_signals import teacher_tail, teacher_topk
         from raydistill.train.step import MODEL_INPUTS
 
         if self.teacher is None:
             self._load_teacher()
-        values, ids = [], []
+        tc = self.cfg.teacher_cache
+        values, ids, tail_values, tail_ids = [], [], [], []
         for batch in self.batches(step, rank):
             logits = self.teacher(**{k: batch[k].to(self.device) for k in MODEL_INPUTS}).logits
-            top = teacher_topk(logits, self.cfg.teacher_cache.top_k)
+            top = teacher_topk(logits, tc.top_k)
             values.append(top.logprobs)
             ids.append(top.ids)
-        return torch.stack(values), torch.stack(ids)
+            if tc.tail_samples:  # the seed the training step draws with (Worker: extras["step_seed"])
+                tail = teacher_tail(logits, top.ids, tc.tail_samples, batch["input_ids"],
+                                    step_seed(self.cfg.train.seed, step))
+                tail_values.append(tail.logprobs)
+                tail_ids.append(tail.ids)
+        tail = (torch.stack(tail_values), torch.stack(tail_ids)) if tail_values else None
+        return torch.stack(values), torch.stack(ids), tail
 
     def run(self, units: list[tuple[int, int]]) -> dict[str, dict]:
         """Compute and write ``units`` ((step, rank) pairs); their manifest entries."""
         out = {}
         for step, rank in units:
-            values, ids = self.compute(step, rank)
-            data = encode(values, ids, self.cfg.teacher_cache.dtype)
+            values, ids, tail = self.compute(step, rank)
+            data = encode(values, ids, self.cfg.teacher_cache.dtype, tail)
             name = unit_name(step, rank)
             write_file(self.root, name, data)
             out[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -352,7 +378,7 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
         print("[raydistill] note: teacher_cache is set but no objective reads the teacher's top-K (e.g. "
               "objectives.kd.top_k); the teacher runs as usual", file=out, flush=True)
         return plan
-    check_cache_columns(cfg.teacher_cache.top_k, objectives)
+    check_cache_columns(cfg.teacher_cache.top_k, objectives, cfg.teacher_cache.tail_samples)
     tc, t = cfg.teacher_cache, cfg.train
     ingr = ingredients(cfg, plan)
     key = cache_key(ingr)
@@ -360,7 +386,8 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
     world = cfg.scaling.num_workers
     units = [(step, rank) for step in [VAL_STEP, *range(1, t.max_steps + 1)] for rank in range(world)]
     positions, size = tc.footprint(cfg)
-    print(f"[raydistill] teacher cache {root}: top {tc.top_k} {tc.dtype} log-probs + int32 ids = "
+    samples = f" and {tc.tail_samples} tail samples" if tc.tail_samples else ""
+    print(f"[raydistill] teacher cache {root}: top {tc.top_k}{samples} {tc.dtype} log-probs + int32 ids = "
           f"{tc.bytes_per_token()} bytes/token; {positions:,} positions ({t.max_steps} steps + validation, "
           f"{world} worker{'s' if world != 1 else ''}) = {size / 1e9:.3g} GB (limit teacher_cache.max_gb "
           f"{tc.max_gb:g})", file=out, flush=True)
@@ -381,7 +408,8 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
     if missing:
         print(f"[raydistill] teacher cache: {reused} of {len(units)} step files reused "
               f"({reused * tokens_per_file * t.grad_accum:,} tokens), computing {len(missing)}", file=out, flush=True)
-        head = {"format": FORMAT, "key": key, "ingredients": ingr, "top_k": tc.top_k, "dtype": tc.dtype}
+        head = {"format": FORMAT, "key": key, "ingredients": ingr, "top_k": tc.top_k, "dtype": tc.dtype,
+                "tail_samples": tc.tail_samples}
         computed = run_fill(cfg, plan, root, missing, head, monitor, out)
     else:
         computed = {}
@@ -393,7 +421,8 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
     stream_needs = {name: _needs(build_objectives(s.objectives, plan.info)) for name, s in plan.streams.items()}
     needs = _needs(objectives)
     online = online_reasons(cfg, plan, needs, stream_needs)
-    plan.teacher_cache = CacheUse(root=root, key=key, top_k=need, dtype=tc.dtype, online=online, stats={
+    plan.teacher_cache = CacheUse(root=root, key=key, top_k=need, dtype=tc.dtype, tail_samples=needs.teacher_tail[1],
+                                  online=online, stats={
         "files": len(units), "reused_files": reused, "computed_files": len(missing),
         "teacher_forwards": sum(e["micro_batches"] for e in computed.values()),
         "fill_s": round(time.perf_counter() - started, 3) if missing else 0.0, "bytes": size})
@@ -434,12 +463,12 @@ class Reader:
             raise RunFailure(f"teacher cache {use.root}: no manifest; rerun to fill it")
         self.entries = manifest["entries"]
         self._step: int | None = None
-        self._arrays: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._arrays: dict[str, torch.Tensor] | None = None
         self.reads = 0
         # The prefetch thread reads training steps while validation reads step 0 on the main thread.
         self._lock = threading.Lock()
 
-    def _load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, step: int) -> dict[str, torch.Tensor]:
         from raydistill.train.faults import RunFailure
 
         if self._step != step:
@@ -456,9 +485,12 @@ class Reader:
         return self._arrays
 
     def signals(self, batch: dict[str, torch.Tensor], step: int, micro: int) -> dict[str, torch.Tensor]:
-        """``batch`` with the teacher's top-K for optimiser ``step``'s micro-batch ``micro`` (step 0: the
-        ``micro``-th validation batch)."""
+        """``batch`` with the teacher's top-K (and tail samples, when the objectives read them) for optimiser
+        ``step``'s micro-batch ``micro`` (step 0: the ``micro``-th validation batch)."""
         with self._lock:
-            values, ids = self._load(step)
+            arrays = self._load(step)
         k = self.use.top_k
-        return {**batch, LOGPROBS: values[micro, ..., :k], IDS: ids[micro, ..., :k]}
+        out = {**batch, LOGPROBS: arrays["logprobs"][micro, ..., :k], IDS: arrays["ids"][micro, ..., :k]}
+        if self.use.tail_samples:
+            out.update({TAIL_LOGPROBS: arrays["tail_logprobs"][micro], TAIL_IDS: arrays["tail_ids"][micro]})
+        return out

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raydistill.data.blocks import BatchSampler
+from raydistill.data.blocks import step_seed as _step_seed
 from raydistill.data.prompts import ResponseSampler, Sequences, batch_prompts, build_sequences, rows_to_batch
 from raydistill.errors import ConfigError
 from raydistill.fsutil import normalise_modes, swap_dir, write_atomic, write_text_atomic
@@ -56,10 +57,6 @@ class _ResumeChoice:
 
     def __init__(self, path: str | None, step: int | None, notes: list[str], error: str | None = None):
         self.path, self.step, self.notes, self.error = path, step, notes, error
-
-
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def _to(batch: dict, device) -> dict:
