@@ -106,8 +106,9 @@ def test_a_flat_tail_is_tempered_exactly(tau):
 
 
 def test_bench_sparse_kd_runs_on_a_small_text(tmp_path):
-    """``raydistill bench sparse-kd`` end to end on a tiny corpus and a few steps: one row per (tau, K); at tau = 1
-    the gap is in [0, 1] and shrinks with K (the bound above, on a model's logits)."""
+    """``raydistill bench sparse-kd`` end to end on a tiny corpus and a few steps: one row per (tau, K) and per
+    (tau, S) at K = distill_k; at tau = 1 the top-K gap is in [0, 1] and shrinks with K (the bound above, on a
+    model's logits); three students."""
     from raydistill.bench.sparse_kd import bench_sparse_kd, table
 
     words = "the of and to in a is was for on as with by at from that his her it an were are which".split()
@@ -116,9 +117,11 @@ def test_bench_sparse_kd_runs_on_a_small_text(tmp_path):
                      for _ in range(400))
     (tmp_path / "train.txt").write_text(text)
     result = bench_sparse_kd(ks=(4, 16), text=str(tmp_path / "train.txt"), teacher_steps=2, student_steps=1,
-                             distill_steps=1, eval_blocks=2, batch=2, seq=16, vocab_size=200)
-    rows = {(r["temperature"], r["k"]): r for r in result["rows"]}
-    assert set(rows) == {(1.0, 4), (1.0, 16), (2.0, 4), (2.0, 16)}
-    assert 0 <= rows[1.0, 16]["gap"] <= rows[1.0, 4]["gap"] <= 1
-    assert [d["objective"] for d in result["distilled"]] == ["kd", "kd top_k=64"]
+                             distill_steps=1, eval_blocks=2, batch=2, seq=16, vocab_size=200, distill_k=8,
+                             tail_samples=(2,), draws=2, distill_samples=2)
+    rows = {(r["temperature"], r["k"], r["tail_samples"]): r for r in result["rows"]}
+    assert set(rows) == {(t, k, s) for t in (1.0, 2.0) for k, s in ((4, 0), (16, 0), (8, 2))}
+    assert 0 <= rows[1.0, 16, 0]["gap"] <= rows[1.0, 4, 0]["gap"] <= 1
+    assert rows[1.0, 8, 2]["draws"] == 2 and rows[1.0, 8, 2]["gap_sd"] >= 0
+    assert [d["objective"] for d in result["distilled"]] == ["kd", "kd top_k=8", "kd top_k=8 tail_samples=2"]
     assert "target: |gap| at K=64" in table(result)
