@@ -156,7 +156,7 @@ def sample_tail(logits: torch.Tensor, top_ids: torch.Tensor, s: int, uniforms: t
             points = (u_flat[rows, None].to(torch.float64) + offsets) / s * cdf[:, -1:]
             # First index whose CDF exceeds the point: a token of positive tail probability (the CDF rises there);
             # rounding can put a point at the very top, which then goes to the last such token.
-            last = (vocab - 1 - (p.flip(-1) > 0).to(torch.int8).argmax(-1, keepdim=True))
+            last = torch.where(p > 0, torch.arange(vocab, device=p.device), 0).amax(-1, keepdim=True)
             ids = torch.minimum(torch.searchsorted(cdf, points, right=True), last)
             parts.append((chunk.gather(-1, ids).float() - log_z, ids))
     shape = (*logits.shape[:-1], s)
