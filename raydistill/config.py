@@ -493,12 +493,17 @@ class TeacherCacheSpec(Strict):
                             "STORAGE/NAME/teacher_cache in a sweep, CACHE_DIR/teacher_cache for a run")
     max_gb: float = Field(20.0, gt=0, description="refuse a cache larger than this (GB of 1e9 bytes)")
     tail_samples: int = Field(0, ge=0, le=4096, description="S: tokens per position drawn from the teacher's "
-                              "distribution outside its top top_k, stored with their log-probabilities; exactly "
-                              "objectives.kd.tail_samples (with objectives.kd.top_k = top_k) when kd reads them")
+                              "tempered distribution outside its top top_k, stored with their log-probabilities "
+                              "and the tail's tempered mass; exactly objectives.kd.tail_samples (with "
+                              "objectives.kd.top_k = top_k) when kd reads them")
+    tail_temperature: float = Field(1.0, gt=0, description="the temperature the tail samples are drawn at: "
+                                    "objectives.kd.temperature when kd reads them")
 
     def bytes_per_token(self) -> int:
-        """Stored bytes per position: a value and an int32 id per top-K column and per tail sample."""
-        return (self.top_k + self.tail_samples) * ((4 if self.dtype == "float32" else 2) + 4)
+        """Stored bytes per position: a value and an int32 id per top-K column and per tail sample, and the tail's
+        log-mass when there are samples."""
+        value = 4 if self.dtype == "float32" else 2
+        return (self.top_k + self.tail_samples) * (value + 4) + (value if self.tail_samples else 0)
 
     def footprint(self, cfg: "ExperimentConfig") -> tuple[int, int]:
         """(positions, bytes) the cache holds for ``cfg``: every training micro-batch of every worker and the
@@ -616,7 +621,7 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 f"teacher_cache.max_gb {tc.max_gb:g}: the cache would hold {size / 1e9:.3g} GB ({positions:,} positions "
                 f"x {tc.bytes_per_token()} bytes: (top_k {tc.top_k} + tail_samples {tc.tail_samples}) x ({tc.dtype} value "
-                "+ int32 id)); allowed: raise teacher_cache.max_gb, or lower teacher_cache.top_k, "
+                f"+ int32 id){' + the tail mass' if tc.tail_samples else ''}); allowed: raise teacher_cache.max_gb, or lower teacher_cache.top_k, "
                 "teacher_cache.tail_samples or train.max_steps")
 
     @model_validator(mode="after")

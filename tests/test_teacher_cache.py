@@ -243,7 +243,8 @@ def test_a_sweep_keeps_its_cache_in_its_storage_and_sums_what_trials_read(tmp_pa
     assert "trials read 14 steps (2,688 tokens)" in capsys.readouterr().out
 
 
-TAIL = ["objectives.kd.top_k=8", "objectives.kd.tail_samples=4", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4"]
+TAIL = ["objectives.kd.top_k=8", "objectives.kd.tail_samples=4", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4",
+        "teacher_cache.tail_temperature=2"]  # kd's temperature (2 by default)
 
 
 def test_tail_samples_filled_equal_the_steps_online_draw_and_train_alike(tmp_path, cache_dir):
@@ -267,10 +268,12 @@ def test_tail_samples_filled_equal_the_steps_online_draw_and_train_alike(tmp_pat
         for step, micro, batch in items:
             with torch.no_grad():
                 logits = teacher(**{k: batch[k] for k in MODEL_INPUTS}).logits
-            online = teacher_tail(logits, teacher_topk(logits, 8).ids, 4, batch["input_ids"], step_seed(t.seed, step))
+            online = teacher_tail(logits, teacher_topk(logits, 8).ids, 4, batch["input_ids"], step_seed(t.seed, step),
+                                  2.0)
             cached = reader.signals(batch, step, micro)
             assert torch.equal(cached[TC.TAIL_IDS].long(), online.ids), (step, micro, rank)
             assert torch.equal(cached[TC.TAIL_LOGPROBS], online.logprobs), (step, micro, rank)
+            assert torch.equal(cached[TC.TAIL_LOG_MASS], online.log_mass), (step, micro, rank)
     # Training: the workers' per-step seed reaches the step as extras["step_seed"].
     cfg = _cfg(tmp_path, cache_dir, *TAIL, "scaling.num_workers=1")
     plan = TC.attach(cfg, prepare(cfg))
@@ -296,21 +299,26 @@ def test_tail_samples_key_bytes_and_refusals(tmp_path, cache_dir):
     with_samples = _cfg(tmp_path, cache_dir, *TAIL)
     stored_only = _cfg(tmp_path, cache_dir, "objectives.kd.top_k=8", "teacher_cache.top_k=8",
                        "teacher_cache.tail_samples=8")  # stored, not read: allowed
-    assert len({_key(with_samples), _key(base, plan), _key(stored_only)}) == 3
-    # (8 + 4) x (float32 + int32) bytes per position.
-    assert with_samples.teacher_cache.bytes_per_token() == 96
-    with pytest.raises(ConfigError, match=r"would hold 9.83e-05 GB \(1,024 positions x 96 bytes: \(top_k 8 \+ "
-                                          r"tail_samples 4\).*teacher_cache.tail_samples"):
-        _cfg(tmp_path, cache_dir, *TAIL, "teacher_cache.max_gb=0.00009")
+    at_two = _cfg(tmp_path, cache_dir, "objectives.kd.top_k=8", "teacher_cache.top_k=8",
+                  "teacher_cache.tail_samples=8", "teacher_cache.tail_temperature=2")
+    assert len({_key(with_samples), _key(base, plan), _key(stored_only), _key(at_two)}) == 4
+    # (8 + 4) x (float32 + int32) bytes per position, and the tail's float32 log-mass.
+    assert with_samples.teacher_cache.bytes_per_token() == 100
+    with pytest.raises(ConfigError, match=r"would hold 0.000102 GB \(1,024 positions x 100 bytes: \(top_k 8 \+ "
+                                          r"tail_samples 4\) x \(float32 value \+ int32 id\) \+ the tail mass\)"
+                                          r".*teacher_cache.tail_samples"):
+        _cfg(tmp_path, cache_dir, *TAIL, "teacher_cache.max_gb=0.0001")
     few = _cfg(tmp_path, cache_dir, *TAIL[:-1], "teacher_cache.tail_samples=2")
     with pytest.raises(ConfigError, match=r"holds 2 tail samples per position, but objectives.kd read 4 "
-                                          r"\(objectives.kd.tail_samples\): set teacher_cache.tail_samples to 4"):
+                                          r"\(objectives.kd.tail_samples\): set teacher_cache.tail_samples to 4, "
+                                          r"teacher_cache.top_k to 8 and teacher_cache.tail_temperature to 2"):
         prepare(few)  # refused where the plan is made, before any fill
-    for other in ("teacher_cache.tail_samples=8", "teacher_cache.top_k=16"):
+    for other in ("teacher_cache.tail_samples=8", "teacher_cache.top_k=16", "teacher_cache.tail_temperature=1"):
         cfg = _cfg(tmp_path, cache_dir, *TAIL, other)
-        with pytest.raises(ConfigError, match=r"drawn outside its top (8|16), but objectives.kd read 4 drawn outside "
-                                              r"the top 8 .*set teacher_cache.tail_samples to 4 and "
-                                              r"teacher_cache.top_k to 8"):
+        with pytest.raises(ConfigError, match=r"drawn outside its top (8|16) at temperature (1|2), but objectives.kd "
+                                              r"read 4 drawn outside the top 8 at temperature 2 .*set "
+                                              r"teacher_cache.tail_samples to 4, teacher_cache.top_k to 8 and "
+                                              r"teacher_cache.tail_temperature to 2"):
             prepare(cfg)
     # A cache without samples serves kd without them; its stored samples are not read by top-K-only kd.
     cfg = _cfg(tmp_path, cache_dir, "objectives.kd.top_k=8", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4",

@@ -178,7 +178,7 @@ def bench_sparse_kd(ks=(16, 64, 256), temperatures=(1.0, 2.0), text: str | None 
         for samples in tail_samples:
             values, grads = [], []
             for draw in range(max(1, draws)):  # draw d: the uniforms of step seed d
-                tail = teacher_tail(t_logits, topk.ids, samples, held_out, draw)
+                tail = teacher_tail(t_logits, topk.ids, samples, held_out, draw, tau)
                 value, grad = loss_and_grad(lambda z: sampled_kl(topk, tail, z, tau))
                 values.append(value)
                 grads.append(grad)

@@ -39,10 +39,10 @@ class Needs:
     # K: the teacher's K most probable tokens per position and their log-probabilities (``Step.teacher_topk``),
     # computed online from its logits or read from the teacher cache; 0 = not needed.
     teacher_topk: int = 0
-    # (K, S): S tokens per position sampled from the teacher's distribution outside its top K, with their
-    # log-probabilities (``Step.teacher_tail``; online or from the teacher cache); (0, 0) = not needed. K is
-    # also asked of ``teacher_topk``.
-    teacher_tail: tuple[int, int] = (0, 0)
+    # (K, S, tau): S tokens per position sampled from the teacher's tempered distribution p^(1/tau) outside its
+    # top K, with their log-probabilities and the tail's tempered mass (``Step.teacher_tail``; online or from
+    # the teacher cache); S = 0: not needed. K is also asked of ``teacher_topk``.
+    teacher_tail: tuple[int, int, float] = (0, 0, 1.0)
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.teacher_logits or other.teacher_logits, self.student_logits or other.student_logits,
@@ -61,16 +61,16 @@ class Needs:
         return self.teacher or (self.teacher_topk > 0 and not cached_topk)
 
 
-def _one_tail(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-    """The tail samples two needs share: one draw serves one (K, S) pair only (a subset of a stratified draw, or
-    a draw outside another K, is not a draw of the same kind)."""
+def _one_tail(a: tuple[int, int, float], b: tuple[int, int, float]) -> tuple[int, int, float]:
+    """The tail samples two needs share: one draw serves one (K, S, tau) only (a subset of a stratified draw, or
+    a draw outside another K or at another temperature, is not a draw of the same kind)."""
     if a[1] == 0 or a == b:
         return b
     if b[1] == 0:
         return a
-    raise ConfigError(f"objectives ask for teacher tail samples (top_k, tail_samples) {a} and {b} in one step; "
-                      "allowed: one (top_k, tail_samples) pair per step (set the same objectives.*.top_k and "
-                      "tail_samples)")
+    raise ConfigError(f"objectives ask for teacher tail samples (top_k, tail_samples, temperature) {a} and {b} in "
+                      "one step; allowed: one such triple per step (set the same objectives.*.top_k, tail_samples "
+                      "and temperature)")
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ class TeacherTopK:
 
 @dataclass
 class TeacherTail:
-    """S tokens per position drawn from the teacher's distribution outside its top K
-    (``objectives.teacher_signals.teacher_tail``), with their log-probabilities."""
+    """S tokens per position drawn from the teacher's tempered distribution outside its top K
+    (``objectives.teacher_signals.teacher_tail``), with their log-probabilities and the tail's tempered mass."""
 
     logprobs: torch.Tensor  # B x T x S float32: log-softmax at temperature 1 over the FULL vocabulary
     ids: torch.Tensor  # B x T x S int64
+    log_mass: torch.Tensor  # B x T float32: log sum_{j outside the top K} p_j^(1/tau), p at temperature 1
 
 
 @dataclass
@@ -162,9 +163,10 @@ class Step:
 
         return teacher_topk(self.teacher.logits, k)
 
-    def tail(self, k: int, s: int) -> TeacherTail:
-        """S tail samples outside the teacher's top ``k``: ``teacher_tail`` (drawn for ``Needs.teacher_tail``), or,
-        on a step that carries only the teacher's logits, drawn from them (seeded by ``extras['step_seed']``)."""
+    def tail(self, k: int, s: int, temperature: float) -> TeacherTail:
+        """S tail samples outside the teacher's top ``k`` at ``temperature``: ``teacher_tail`` (drawn for
+        ``Needs.teacher_tail``), or, on a step that carries only the teacher's logits, drawn from them (seeded by
+        ``extras['step_seed']``)."""
         from raydistill.objectives.teacher_signals import teacher_tail
 
         if self.teacher_tail is not None:
@@ -173,7 +175,7 @@ class Step:
                                  f"an objective reads {s}")
             return self.teacher_tail
         return teacher_tail(self.teacher.logits, self.topk(k).ids, s, self.batch["input_ids"],
-                            self.extras.get("step_seed", 0))
+                            self.extras.get("step_seed", 0), temperature)
 
 
 class Objective(nn.Module, ABC):

@@ -6,7 +6,7 @@ sparse KD: it reads only the teacher's K most probable tokens and their log-prob
 tokens and one "rest" bucket holding every other token (``sparse_kl``; equations and measured error against
 full KD in docs/objectives.md). The rest bucket hides the shape of the teacher's tail from the student, so
 top-K KD is biased; ``tail_samples: S`` replaces the bucket by S tokens drawn from the teacher's tail
-(``Step.tail``), an unbiased estimate of full KD at tau = 1 (``sampled_kl``)."""
+(``Step.tail``, drawn at the kd temperature), an unbiased estimate of full KD (``sampled_kl``)."""
 
 from __future__ import annotations
 
@@ -60,33 +60,31 @@ def sparse_kl(topk: TeacherTopK, student_logits: torch.Tensor, temperature: floa
 def sampled_kl(topk: TeacherTopK, tail: TeacherTail, student_logits: torch.Tensor,
                temperature: float) -> torch.Tensor:
     """Per-position tau^2 KL(P || Q) estimated from the teacher's top K exactly and S samples j_1..j_S of its tail
-    (B x T; float32, float64 for float64 logits).
+    drawn at ``temperature`` (B x T; float32, float64 for float64 logits).
 
-    With l the teacher's log-probabilities (temperature 1), r = 1 - sum_top exp(l_i) its tail mass (clamped at 0)
-    and the samples drawn with probability p_j / r (``teacher_signals.sample_tail``), the tokens are "atoms"
-    with tempered teacher weights
+    With l the teacher's log-probabilities (temperature 1), W = sum_tail p_j^(1/tau) the tail's tempered mass
+    (``tail.log_mass``) and the samples drawn with probability p_j^(1/tau) / W (``teacher_signals.sample_tail``),
+    the tempered teacher is exact on the top K, P_i = p_i^(1/tau) / Z with Z = sum_top p_i^(1/tau) + W, and
+    its tail is represented by the draws, each of weight (W / Z) / S:
 
-        w_i = exp(l_i / tau) (top K),    w_s = (r / S) exp((1/tau - 1) l_{j_s}) (sample s),
+        kd = tau^2 [ sum_top P_i (l_i/tau - log Z - log q_i) + (W / Z) / S sum_s (l_{j_s}/tau - log Z - log q_{j_s}) ]
 
-    normalised by Z = sum of all w (the samples' part estimates the tail's tempered mass sum_tail p_j^(1/tau)
-    without bias), and the value is tau^2 sum_atoms (w / Z) (l / tau - log Z - log q_tau(atom)) with q_tau the
-    student's full softmax(z / tau). At tau = 1, Z = 1 and the sample part is (r / S) sum_s (l_{j_s} - log q_{j_s}):
-    the value and its gradient w.r.t. the student's logits (q - p_hat, p_hat the top-K probabilities plus r / S per
-    draw) are unbiased estimates of full KD's. At tau != 1 the estimate is self-normalised importance sampling:
-    consistent (exact as S grows), with a bias of order 1/S (docs/objectives.md). Where the top K is the whole
-    vocabulary the samples are ignored and the value is full KD's."""
+    with q = softmax(z / tau) the student's full tempered distribution. E over the draws of the sample sum is the
+    tail's part of full KD, so the value and its gradient w.r.t. the student's logits (tau (q - P_hat), P_hat
+    exact on the top K plus (W / Z) / S per draw) are unbiased estimates of full KD's, at any temperature. Where
+    the top K is the whole vocabulary the samples are ignored and the value is full KD's."""
     tau = temperature
     vocab = student_logits.size(-1)
     if topk.ids.size(-1) >= vocab or tail.ids.size(-1) == 0:
         return sparse_kl(topk, student_logits, tau)
     dtype = torch.promote_types(torch.float32, student_logits.dtype)  # float64 stays float64 (gradcheck)
     log_q = torch.log_softmax(student_logits.to(dtype) / tau, dim=-1)
-    top, sampled = topk.logprobs.to(dtype), tail.logprobs.to(dtype)
-    rest = (1.0 - top.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-    log_w = torch.cat([top / tau, (rest / tail.ids.size(-1)).log() + (1 / tau - 1) * sampled], -1)
-    log_z = log_w.logsumexp(-1, keepdim=True)
-    w = (log_w - log_z).exp()
-    log_p = torch.cat([top, sampled], -1) / tau - log_z
+    top, sampled = topk.logprobs.to(dtype) / tau, tail.logprobs.to(dtype) / tau
+    log_mass = tail.log_mass.to(dtype).unsqueeze(-1)
+    log_z = torch.cat([top, log_mass], -1).logsumexp(-1, keepdim=True)
+    w = torch.cat([top, (log_mass - math.log(tail.ids.size(-1))).expand_as(sampled)], -1) - log_z
+    w = w.exp()
+    log_p = torch.cat([top, sampled], -1) - log_z
     log_qa = log_q.gather(-1, torch.cat([topk.ids, tail.ids], -1))
     # Atoms of weight 0 (an empty tail) contribute 0, not 0 * -inf.
     return torch.where(w > 0, w * (log_p - log_qa), 0.0).sum(-1) * tau**2
@@ -98,8 +96,8 @@ class KDSettings(ObjectiveSettings):
     top_k: int | None = Field(None, ge=1, description="sparse KD over the teacher's top-K tokens plus one bucket "
                               "for the rest (readable from the teacher cache); null: full-vocabulary KD online")
     tail_samples: int = Field(0, ge=0, le=4096, description="with top_k: S tokens per position drawn from the "
-                              "teacher's distribution outside its top K replace the rest bucket (unbiased at "
-                              "tau = 1); 0: the rest bucket")
+                              "teacher's tempered distribution outside its top K replace the rest bucket (an "
+                              "unbiased estimate of full KD); 0: the rest bucket")
 
     @model_validator(mode="after")
     def _tail_needs_top_k(self):
@@ -123,7 +121,7 @@ class KDLoss(Objective):
     def needs(self) -> Needs:
         s = self.settings
         if s.top_k is not None:
-            tail = (s.top_k, s.tail_samples) if s.tail_samples else (0, 0)
+            tail = (s.top_k, s.tail_samples, s.temperature) if s.tail_samples else Needs().teacher_tail
             return Needs(teacher_topk=s.top_k, teacher_tail=tail, student_logits=True)
         return Needs(teacher_logits=True, student_logits=True)
 
@@ -134,7 +132,8 @@ class KDLoss(Objective):
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         s = self.settings
         if s.top_k is not None and s.tail_samples:
-            kl = sampled_kl(step.topk(s.top_k), step.tail(s.top_k, s.tail_samples), step.student.logits, s.temperature)
+            tail = step.tail(s.top_k, s.tail_samples, s.temperature)
+            kl = sampled_kl(step.topk(s.top_k), tail, step.student.logits, s.temperature)
         elif s.top_k is not None:
             kl = sparse_kl(step.topk(s.top_k), step.student.logits, s.temperature)
         else:

@@ -16,11 +16,11 @@ objective that needs k <= K of them exactly. Where no tie crosses the K-th place
 practice always) it is ``torch.topk(sorted=True)``'s own order and costs one extra column; rows with a tie
 across the K-th place are redone with a composite (logit, id) integer key, a few rows at a time.
 
-``teacher_tail`` adds S tokens per position drawn from the teacher's distribution outside its top K (its tail,
-p_j / r with r the tail's mass), for the unbiased sampled sparse KD (``objectives.kd``, ``tail_samples``). The
-draw is systematic: one uniform u per position and the points (u + s) / S, s = 0..S-1, through the tail's
-inverse CDF (tokens in id order, float64), so that every token of the tail is drawn floor or ceil of S p_j / r
-times. u is a counter-based hash of (seed, the row's token ids, the position) in integer arithmetic
+``teacher_tail`` adds S tokens per position drawn from the teacher's tempered distribution outside its top K
+(its tail, p_j^(1/tau) / W with W the tail's tempered mass, also returned), for the unbiased sampled sparse KD
+(``objectives.kd``, ``tail_samples``). The draw is systematic: one uniform u per position and the points
+(u + s) / S, s = 0..S-1, through the tail's inverse CDF (tokens in id order, float64), so that every token of
+the tail is drawn floor or ceil of S p_j^(1/tau) / W times. u is a counter-based hash of (seed, the row's token ids, the position) in integer arithmetic
 (``tail_uniforms``): the training step and the teacher cache's fill, given the same batch and seed, draw the
 same tokens on the same device, with no random-generator state.
 """
@@ -38,7 +38,7 @@ __all__ = ["TeacherTopK", "TeacherTail", "teacher_topk", "topk_ids", "teacher_ta
 # Elements of the float32 logits worked at once by ``teacher_topk``.
 _CHUNK_ELEMENTS = 1 << 26
 # Elements of the float64 tail distribution (and its CDF) worked at once by ``sample_tail``.
-_TAIL_ELEMENTS = 1 << 23
+_TAIL_ELEMENTS = 1 << 22
 # Elements of the B x T x V composite key worked at once for rows with a tie across the K-th place.
 _KEY_ELEMENTS = 1 << 24
 
@@ -136,38 +136,44 @@ def tail_uniforms(input_ids: torch.Tensor, seed: int) -> torch.Tensor:
     return (hi * (1 << 21) + lo).double() / float(1 << 53)
 
 
-def sample_tail(logits: torch.Tensor, top_ids: torch.Tensor, s: int, uniforms: torch.Tensor) -> TeacherTail:
-    """S tokens per position from the teacher's distribution outside ``top_ids`` (B x T x K), systematically: the
-    points (u + i) / S (i < S, u = ``uniforms``, B x T in [0, 1)) through the inverse CDF of the tail (id order,
-    float64), and their log-probabilities as ``teacher_topk`` computes its values. Each draw has probability
-    p_j / r, so (1/S) sum_s f(j_s) is an unbiased estimate of the tail mean of f for any f. A position whose
-    tail has no mass (K = V) gets arbitrary tokens; estimators weight them by r = 0. Worked a bounded number of
-    positions at a time."""
+def sample_tail(logits: torch.Tensor, top_ids: torch.Tensor, s: int, uniforms: torch.Tensor,
+                temperature: float = 1.0) -> TeacherTail:
+    """S tokens per position from the teacher's tempered distribution outside ``top_ids`` (B x T x K),
+    p_j^(1/tau) / W with W = sum_tail p_j^(1/tau), systematically: the points (u + i) / S (i < S, u = ``uniforms``,
+    B x T in [0, 1)) through the inverse CDF of the tempered tail (id order, float64); their log-probabilities at
+    temperature 1 as ``teacher_topk`` computes its values, and log W. Each draw has probability p_j^(1/tau) / W,
+    so (1/S) sum_s f(j_s) is an unbiased estimate of the tempered tail's mean of f for any f. A position whose
+    tail has no mass (K = V) gets log W = -inf and arbitrary tokens. Worked a bounded number of positions at a
+    time."""
     vocab = logits.size(-1)
     flat, ids_flat, u_flat = logits.reshape(-1, vocab), top_ids.reshape(-1, top_ids.size(-1)), uniforms.reshape(-1)
     offsets = torch.arange(s, device=logits.device, dtype=torch.float64)
+    columns = torch.arange(vocab, device=logits.device)
     parts = []
     with torch.no_grad():
         for rows in row_chunks(flat.size(0), vocab, _TAIL_ELEMENTS):
             chunk = flat[rows]
             log_z = torch.logsumexp(chunk.float(), dim=-1, keepdim=True)
-            p = (chunk.double() - log_z.double()).exp().scatter(-1, ids_flat[rows], 0.0)
+            tempered = ((chunk.double() - log_z.double()) / temperature).scatter(-1, ids_flat[rows], float("-inf"))
+            top = tempered.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)  # stable exp
+            p = (tempered - top).exp()
             cdf = p.cumsum(-1)
             points = (u_flat[rows, None].to(torch.float64) + offsets) / s * cdf[:, -1:]
             # First index whose CDF exceeds the point: a token of positive tail probability (the CDF rises there);
             # rounding can put a point at the very top, which then goes to the last such token.
-            last = torch.where(p > 0, torch.arange(vocab, device=p.device), 0).amax(-1, keepdim=True)
+            last = torch.where(p > 0, columns, 0).amax(-1, keepdim=True)
             ids = torch.minimum(torch.searchsorted(cdf, points, right=True), last)
-            parts.append((chunk.gather(-1, ids).float() - log_z, ids))
+            parts.append((chunk.gather(-1, ids).float() - log_z, ids, (cdf[:, -1].log() + top[:, 0]).float()))
     shape = (*logits.shape[:-1], s)
-    return TeacherTail(torch.cat([x[0] for x in parts]).view(shape), torch.cat([x[1] for x in parts]).view(shape))
+    return TeacherTail(torch.cat([x[0] for x in parts]).view(shape), torch.cat([x[1] for x in parts]).view(shape),
+                       torch.cat([x[2] for x in parts]).view(shape[:-1]))
 
 
 def teacher_tail(logits: torch.Tensor, top_ids: torch.Tensor, s: int, input_ids: torch.Tensor,
-                 seed: int) -> TeacherTail:
-    """The teacher's S tail samples outside ``top_ids`` for a batch (``input_ids``) at a step (``seed``): the one
-    definition used online and by the teacher cache's fill (module doc)."""
-    return sample_tail(logits, top_ids, s, tail_uniforms(input_ids.to(logits.device), seed))
+                 seed: int, temperature: float = 1.0) -> TeacherTail:
+    """The teacher's S tail samples outside ``top_ids`` at ``temperature`` for a batch (``input_ids``) at a step
+    (``seed``): the one definition used online and by the teacher cache's fill (module doc)."""
+    return sample_tail(logits, top_ids, s, tail_uniforms(input_ids.to(logits.device), seed), temperature)
 
 
 # The settings that set an objective's ``Needs.teacher_topk``, named where a cache holds too few columns.
@@ -181,31 +187,33 @@ def too_few_columns(cached: int, needed: int, who: str = "the active objectives"
             f"({_SETTINGS}): raise teacher_cache.top_k to at least {needed}, or lower those settings")
 
 
-def check_cache_columns(cached: int, objectives: dict, tail_samples: int = 0) -> None:
+def check_cache_columns(cached: int, objectives: dict, tail_samples: int = 0, tail_temperature: float = 1.0) -> None:
     """Refuse (ConfigError, on the driver) a cache of ``cached`` columns (and ``tail_samples`` tail samples drawn
-    outside them) for ``objectives`` (name -> Objective) when one of them reads more columns, or tail samples
-    of another (top_k, tail_samples); the message names each such objective and the settings involved."""
+    outside them at ``tail_temperature``) for ``objectives`` (name -> Objective) when one of them reads more
+    columns, or other tail samples; the message names each such objective and the settings involved."""
     short = {name: obj.needs().teacher_topk for name, obj in objectives.items() if obj.needs().teacher_topk > cached}
     if short:
         who = ", ".join(f"objectives.{name} ({k})" for name, k in sorted(short.items()))
         raise ConfigError(too_few_columns(cached, max(short.values()), who))
     for name, obj in sorted(objectives.items()):
         tail = obj.needs().teacher_tail
-        if tail[1] and tail != (cached, tail_samples):
-            raise ConfigError(too_few_samples((cached, tail_samples), tail, f"objectives.{name}"))
+        if tail[1] and tail != (cached, tail_samples, tail_temperature):
+            raise ConfigError(too_few_samples((cached, tail_samples, tail_temperature), tail, f"objectives.{name}"))
 
 
-def too_few_samples(cached: tuple[int, int], needed: tuple[int, int], who: str = "the active objectives") -> str:
-    """The message refusing a teacher cache whose tail samples (top_k, tail_samples) = ``cached`` are not the
-    ``needed`` ones."""
-    (ck, cs), (k, s) = cached, needed
-    fix = f"set teacher_cache.tail_samples to {s} and teacher_cache.top_k to {k}"
+def too_few_samples(cached: tuple[int, int, float], needed: tuple[int, int, float],
+                    who: str = "the active objectives") -> str:
+    """The message refusing a teacher cache whose tail samples (top_k, tail_samples, temperature) = ``cached`` are
+    not the ``needed`` ones."""
+    (ck, cs, ct), (k, s, t) = cached, needed
+    fix = (f"set teacher_cache.tail_samples to {s}, teacher_cache.top_k to {k} and teacher_cache.tail_temperature "
+           f"to {t:g}")
     if cs < s:
         return (f"the teacher cache holds {cs} tail samples per position, but {who} read {s} "
                 f"(objectives.kd.tail_samples): {fix}")
-    return (f"the teacher cache holds {cs} tail samples per position drawn outside its top {ck}, but {who} read "
-            f"{s} drawn outside the top {k} (objectives.kd.top_k, tail_samples); a stratified draw serves one "
-            f"(top_k, tail_samples) pair only: {fix}")
+    return (f"the teacher cache holds {cs} tail samples per position drawn outside its top {ck} at temperature "
+            f"{ct:g}, but {who} read {s} drawn outside the top {k} at temperature {t:g} (objectives.kd.top_k, "
+            f"tail_samples, temperature); a stratified draw serves one (top_k, tail_samples, temperature) only: {fix}")
 
 
 def from_batch(batch: dict[str, torch.Tensor], k: int) -> TeacherTopK | None:
@@ -221,12 +229,13 @@ def from_batch(batch: dict[str, torch.Tensor], k: int) -> TeacherTopK | None:
 
 
 def tail_from_batch(batch: dict[str, torch.Tensor], s: int) -> TeacherTail | None:
-    """The cached tail samples a batch carries (``teacher_tail_logprobs``, ``teacher_tail_ids``) as float32 /
-    int64; None when it carries none. Another number of samples than ``s`` is refused."""
+    """The cached tail samples a batch carries (``teacher_tail_logprobs``, ``teacher_tail_ids``,
+    ``teacher_tail_log_mass``) as float32 / int64; None when it carries none. Another number of samples than
+    ``s`` is refused."""
     if "teacher_tail_logprobs" not in batch:
         return None
     logprobs, ids = batch["teacher_tail_logprobs"], batch["teacher_tail_ids"]
     if logprobs.size(-1) != s:
         raise ValueError(f"the teacher cache holds {logprobs.size(-1)} tail samples per position, the objectives "
                          f"read {s}: set teacher_cache.tail_samples to {s}")
-    return TeacherTail(logprobs.float(), ids.long())
+    return TeacherTail(logprobs.float(), ids.long(), batch["teacher_tail_log_mass"].float())

@@ -203,7 +203,8 @@ def _prepare(cfg: ExperimentConfig, mode: Mode, session: DataSession) -> RunPlan
     if cfg.teacher_cache is not None:
         from raydistill.objectives.teacher_signals import check_cache_columns
 
-        check_cache_columns(cfg.teacher_cache.top_k, built, cfg.teacher_cache.tail_samples)
+        tc = cfg.teacher_cache
+        check_cache_columns(tc.top_k, built, tc.tail_samples, tc.tail_temperature)
     max_positions = min((n for n in (_max_positions(teacher_cfg), _max_positions(student_cfg)) if n), default=None)
     prompt_sets = None
     if cfg.prompts is not None:

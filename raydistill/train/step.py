@@ -103,7 +103,7 @@ class DistillModule(nn.Module):
         # needs the cache does not cover), else online from its logits, by the same ``teacher_topk``.
         # The tail samples likewise, seeded by the step's seed so that the cache's fill draws the same.
         topk = from_batch(batch, needs.teacher_topk) if needs.teacher_topk else None
-        tail_k, tail_s = needs.teacher_tail
+        tail_k, tail_s, tail_tau = needs.teacher_tail
         tail = tail_from_batch(batch, tail_s) if tail_s else None
         cached = topk is not None and (tail_s == 0 or tail is not None)
         teacher_out = None
@@ -120,7 +120,7 @@ class DistillModule(nn.Module):
                 topk = teacher_topk(teacher_out.logits, needs.teacher_topk)
                 if tail_s:
                     tail = teacher_tail(teacher_out.logits, topk.first(tail_k).ids, tail_s, batch["input_ids"],
-                                        (extras or {}).get("step_seed", 0))
+                                        (extras or {}).get("step_seed", 0), tail_tau)
                 if not needs.teacher_logits:
                     teacher_out.logits = None  # nothing reads them: free the B x T x V tensor now
         step = Step(batch=batch, student=student_out, teacher=teacher_out, student_model=self.student,

@@ -10,13 +10,15 @@ Key (``ingredients``): the teacher's identity and precision (``generation.model_
 directory's weight files, a hub id and revision, or a random preset's config and init seed), the tokenizer's
 fingerprint, the packed corpus (its content hash and block size, or the blocks' bytes when in memory), the
 masking probability (encoders), the data seed (``train.seed``), the batch layout (batch size, micro-batches,
-workers), K, the value dtype and, when stored, the number of tail samples S (``teacher_cache.tail_samples``). ``train.max_steps`` and ``train.eval_batches`` are not in it: the cache
+workers), K, the value dtype and, when stored, the number of tail samples S and their temperature
+(``teacher_cache.tail_samples``, ``tail_temperature``). ``train.max_steps`` and ``train.eval_batches`` are not in it: the cache
 holds steps, and a longer run adds the steps it lacks.
 
 Layout under ``ROOT/<key>/``: ``train/<step>/r<rank>.npz`` (all micro-batches of one optimiser step on one
 rank: ``logprobs`` [micro, B, T, K] in the value dtype, bfloat16 stored as its int16 bits, and ``ids`` int32;
-with tail samples also ``tail_logprobs`` and ``tail_ids`` [micro, B, T, S], drawn outside the top K with the
-training step's seed by ``teacher_signals.teacher_tail``, as the step draws them online),
+with tail samples also ``tail_logprobs`` and ``tail_ids`` [micro, B, T, S] and ``tail_log_mass`` [micro, B, T],
+drawn outside the top K with the training step's seed by ``teacher_signals.teacher_tail``, as the step draws
+them online),
 ``val/0000000/r<rank>.npz`` (the fixed validation batches, one per "micro" index), and ``manifest.json``:
 the ingredients and one entry per file with its size and sha256. Shards are written atomically (temporary
 name + rename locally, one PUT on object storage) before the manifest lists them, and the manifest is
@@ -55,7 +57,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 VAL_STEP = 0  # validation batches are seeded with step 0, which never trains
 LOGPROBS, IDS = "teacher_topk_logprobs", "teacher_topk_ids"
-TAIL_LOGPROBS, TAIL_IDS = "teacher_tail_logprobs", "teacher_tail_ids"
+TAIL_LOGPROBS, TAIL_IDS, TAIL_LOG_MASS = "teacher_tail_logprobs", "teacher_tail_ids", "teacher_tail_log_mass"
 PROGRESS_EVERY_S = 5.0
 
 
@@ -90,7 +92,7 @@ def ingredients(cfg, plan) -> dict[str, Any]:
                    "block_size": cfg.data.block_size},
         "top_k": tc.top_k, "dtype": tc.dtype,
         # Only when stored, so that caches without tail samples keep their keys.
-        **({"tail_samples": tc.tail_samples} if tc.tail_samples else {}),
+        **({"tail_samples": tc.tail_samples, "tail_temperature": tc.tail_temperature} if tc.tail_samples else {}),
     }
 
 
@@ -179,11 +181,13 @@ def _values(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def encode(logprobs: torch.Tensor, ids: torch.Tensor, dtype: str,
-           tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> bytes:
-    """One file's arrays (``logprobs``, ``ids``; ``tail_logprobs``, ``tail_ids`` when ``tail`` is given)."""
+           tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> bytes:
+    """One file's arrays (``logprobs``, ``ids``; ``tail_logprobs``, ``tail_ids``, ``tail_log_mass`` when ``tail``
+    is given)."""
     arrays = {"logprobs": _values(logprobs, dtype), "ids": ids.to(torch.int32).cpu().numpy()}
     if tail is not None:
-        arrays.update(tail_logprobs=_values(tail[0], dtype), tail_ids=tail[1].to(torch.int32).cpu().numpy())
+        arrays.update(tail_logprobs=_values(tail[0], dtype), tail_ids=tail[1].to(torch.int32).cpu().numpy(),
+                      tail_log_mass=_values(tail[2], dtype))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -194,7 +198,7 @@ def decode(data: bytes, dtype: str) -> dict[str, torch.Tensor]:
     with np.load(io.BytesIO(data)) as z:
         arrays = {name: torch.from_numpy(z[name]) for name in z.files}
     if dtype == "bfloat16":
-        for name in ("logprobs", "tail_logprobs"):
+        for name in ("logprobs", "tail_logprobs", "tail_log_mass"):
             if name in arrays:
                 arrays[name] = arrays[name].view(torch.bfloat16)
     return arrays
@@ -271,7 +275,7 @@ class Filler:
     @torch.no_grad()
     def compute(self, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """The top-K values and ids of ``(step, rank)``'s micro-batches, [micro, B, T, K], and their tail samples'
-        ([micro, B, T, S] each) when the cache stores them."""
+        ([micro, B, T, S] each, and the tail's log-mass [micro, B, T]) when the cache stores them."""
         from raydistill.data.blocks import step_seed
         from raydistill.objectives.teacher_signals import teacher_tail, teacher_topk
         from raydistill.train.step import MODEL_INPUTS
@@ -279,18 +283,17 @@ class Filler:
         if self.teacher is None:
             self._load_teacher()
         tc = self.cfg.teacher_cache
-        values, ids, tail_values, tail_ids = [], [], [], []
+        values, ids, tails = [], [], []
         for batch in self.batches(step, rank):
             logits = self.teacher(**{k: batch[k].to(self.device) for k in MODEL_INPUTS}).logits
             top = teacher_topk(logits, tc.top_k)
             values.append(top.logprobs)
             ids.append(top.ids)
             if tc.tail_samples:  # the seed the training step draws with (Worker: extras["step_seed"])
-                tail = teacher_tail(logits, top.ids, tc.tail_samples, batch["input_ids"],
-                                    step_seed(self.cfg.train.seed, step))
-                tail_values.append(tail.logprobs)
-                tail_ids.append(tail.ids)
-        tail = (torch.stack(tail_values), torch.stack(tail_ids)) if tail_values else None
+                tails.append(teacher_tail(logits, top.ids, tc.tail_samples, batch["input_ids"],
+                                          step_seed(self.cfg.train.seed, step), tc.tail_temperature))
+        tail = tuple(torch.stack([getattr(t, f) for t in tails]) for f in ("logprobs", "ids", "log_mass")) \
+            if tails else None
         return torch.stack(values), torch.stack(ids), tail
 
     def run(self, units: list[tuple[int, int]]) -> dict[str, dict]:
@@ -378,15 +381,16 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
         print("[raydistill] note: teacher_cache is set but no objective reads the teacher's top-K (e.g. "
               "objectives.kd.top_k); the teacher runs as usual", file=out, flush=True)
         return plan
-    check_cache_columns(cfg.teacher_cache.top_k, objectives, cfg.teacher_cache.tail_samples)
-    tc, t = cfg.teacher_cache, cfg.train
+    tc = cfg.teacher_cache
+    check_cache_columns(tc.top_k, objectives, tc.tail_samples, tc.tail_temperature)
+    t = cfg.train
     ingr = ingredients(cfg, plan)
     key = cache_key(ingr)
     root = R.uri_join(default_root(cfg), key)
     world = cfg.scaling.num_workers
     units = [(step, rank) for step in [VAL_STEP, *range(1, t.max_steps + 1)] for rank in range(world)]
     positions, size = tc.footprint(cfg)
-    samples = f" and {tc.tail_samples} tail samples" if tc.tail_samples else ""
+    samples = f" and {tc.tail_samples} tail samples (+ their mass)" if tc.tail_samples else ""
     print(f"[raydistill] teacher cache {root}: top {tc.top_k}{samples} {tc.dtype} log-probs + int32 ids = "
           f"{tc.bytes_per_token()} bytes/token; {positions:,} positions ({t.max_steps} steps + validation, "
           f"{world} worker{'s' if world != 1 else ''}) = {size / 1e9:.3g} GB (limit teacher_cache.max_gb "
@@ -409,7 +413,7 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
         print(f"[raydistill] teacher cache: {reused} of {len(units)} step files reused "
               f"({reused * tokens_per_file * t.grad_accum:,} tokens), computing {len(missing)}", file=out, flush=True)
         head = {"format": FORMAT, "key": key, "ingredients": ingr, "top_k": tc.top_k, "dtype": tc.dtype,
-                "tail_samples": tc.tail_samples}
+                "tail_samples": tc.tail_samples, "tail_temperature": tc.tail_temperature}
         computed = run_fill(cfg, plan, root, missing, head, monitor, out)
     else:
         computed = {}
@@ -492,5 +496,6 @@ class Reader:
         k = self.use.top_k
         out = {**batch, LOGPROBS: arrays["logprobs"][micro, ..., :k], IDS: arrays["ids"][micro, ..., :k]}
         if self.use.tail_samples:
-            out.update({TAIL_LOGPROBS: arrays["tail_logprobs"][micro], TAIL_IDS: arrays["tail_ids"][micro]})
+            out.update({TAIL_LOGPROBS: arrays["tail_logprobs"][micro], TAIL_IDS: arrays["tail_ids"][micro],
+                        TAIL_LOG_MASS: arrays["tail_log_mass"][micro]})
         return out
