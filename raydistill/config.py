@@ -620,9 +620,9 @@ class ExperimentConfig(Strict):
         if size > tc.max_gb * 1e9:
             raise ValueError(
                 f"teacher_cache.max_gb {tc.max_gb:g}: the cache would hold {size / 1e9:.3g} GB ({positions:,} positions "
-                f"x {tc.bytes_per_token()} bytes: (top_k {tc.top_k} + tail_samples {tc.tail_samples}) x ({tc.dtype} value "
-                f"+ int32 id){' + the tail mass' if tc.tail_samples else ''}); allowed: raise teacher_cache.max_gb, or lower teacher_cache.top_k, "
-                "teacher_cache.tail_samples or train.max_steps")
+                f"x {tc.bytes_per_token()} bytes: (top_k {tc.top_k} + tail_samples {tc.tail_samples}) x "
+                f"({tc.dtype} value + int32 id){' + the tail mass' if tc.tail_samples else ''}); allowed: raise "
+                "teacher_cache.max_gb, or lower teacher_cache.top_k, teacher_cache.tail_samples or train.max_steps")
 
     @model_validator(mode="after")
     def _model_options(self):

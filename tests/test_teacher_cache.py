@@ -243,8 +243,8 @@ def test_a_sweep_keeps_its_cache_in_its_storage_and_sums_what_trials_read(tmp_pa
     assert "trials read 14 steps (2,688 tokens)" in capsys.readouterr().out
 
 
-TAIL = ["objectives.kd.top_k=8", "objectives.kd.tail_samples=4", "teacher_cache.top_k=8", "teacher_cache.tail_samples=4",
-        "teacher_cache.tail_temperature=2"]  # kd's temperature (2 by default)
+TAIL = ["objectives.kd.top_k=8", "objectives.kd.tail_samples=4", "teacher_cache.top_k=8",
+        "teacher_cache.tail_samples=4", "teacher_cache.tail_temperature=2"]  # kd's temperature (2 by default)
 
 
 def test_tail_samples_filled_equal_the_steps_online_draw_and_train_alike(tmp_path, cache_dir):

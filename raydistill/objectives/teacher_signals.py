@@ -20,9 +20,9 @@ across the K-th place are redone with a composite (logit, id) integer key, a few
 (its tail, p_j^(1/tau) / W with W the tail's tempered mass, also returned), for the unbiased sampled sparse KD
 (``objectives.kd``, ``tail_samples``). The draw is systematic: one uniform u per position and the points
 (u + s) / S, s = 0..S-1, through the tail's inverse CDF (tokens in id order, float64), so that every token of
-the tail is drawn floor or ceil of S p_j^(1/tau) / W times. u is a counter-based hash of (seed, the row's token ids, the position) in integer arithmetic
-(``tail_uniforms``): the training step and the teacher cache's fill, given the same batch and seed, draw the
-same tokens on the same device, with no random-generator state.
+the tail is drawn floor or ceil of S p_j^(1/tau) / W times. u is a counter-based hash of (seed, the row's
+token ids, the position) in integer arithmetic (``tail_uniforms``): the training step and the teacher cache's
+fill, given the same batch and seed, draw the same tokens on the same device, with no random-generator state.
 """
 
 from __future__ import annotations
@@ -155,15 +155,15 @@ def sample_tail(logits: torch.Tensor, top_ids: torch.Tensor, s: int, uniforms: t
             chunk = flat[rows]
             log_z = torch.logsumexp(chunk.float(), dim=-1, keepdim=True)
             tempered = ((chunk.double() - log_z.double()) / temperature).scatter(-1, ids_flat[rows], float("-inf"))
-            top = tempered.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)  # stable exp
-            p = (tempered - top).exp()
+            shift = tempered.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)  # a stable exp
+            p = (tempered - shift).exp()
             cdf = p.cumsum(-1)
             points = (u_flat[rows, None].to(torch.float64) + offsets) / s * cdf[:, -1:]
             # First index whose CDF exceeds the point: a token of positive tail probability (the CDF rises there);
             # rounding can put a point at the very top, which then goes to the last such token.
             last = torch.where(p > 0, columns, 0).amax(-1, keepdim=True)
             ids = torch.minimum(torch.searchsorted(cdf, points, right=True), last)
-            parts.append((chunk.gather(-1, ids).float() - log_z, ids, (cdf[:, -1].log() + top[:, 0]).float()))
+            parts.append((chunk.gather(-1, ids).float() - log_z, ids, (cdf[:, -1].log() + shift[:, 0]).float()))
     shape = (*logits.shape[:-1], s)
     return TeacherTail(torch.cat([x[0] for x in parts]).view(shape), torch.cat([x[1] for x in parts]).view(shape),
                        torch.cat([x[2] for x in parts]).view(shape[:-1]))

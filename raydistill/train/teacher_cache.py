@@ -11,8 +11,8 @@ directory's weight files, a hub id and revision, or a random preset's config and
 fingerprint, the packed corpus (its content hash and block size, or the blocks' bytes when in memory), the
 masking probability (encoders), the data seed (``train.seed``), the batch layout (batch size, micro-batches,
 workers), K, the value dtype and, when stored, the number of tail samples S and their temperature
-(``teacher_cache.tail_samples``, ``tail_temperature``). ``train.max_steps`` and ``train.eval_batches`` are not in it: the cache
-holds steps, and a longer run adds the steps it lacks.
+(``teacher_cache.tail_samples``, ``tail_temperature``). ``train.max_steps`` and ``train.eval_batches`` are not
+in it: the cache holds steps, and a longer run adds the steps it lacks.
 
 Layout under ``ROOT/<key>/``: ``train/<step>/r<rank>.npz`` (all micro-batches of one optimiser step on one
 rank: ``logprobs`` [micro, B, T, K] in the value dtype, bfloat16 stored as its int16 bits, and ``ids`` int32;
