@@ -260,13 +260,18 @@ def bench_sparse_kd(as_json: bool = typer.Option(False, "--json", help="print on
                     text: Optional[str] = typer.Option(None, help="UTF-8 training text (default: WikiText-2)"),
                     teacher_steps: int = typer.Option(300, help="training steps of the teacher"),
                     student_steps: int = typer.Option(100, help="training steps of the student"),
-                    distill_steps: int = typer.Option(100, help="steps of the full-KD and sparse-KD students")):
-    """Sparse KD (kd top_k) vs full-vocabulary KD on a trained tiny teacher: loss gap, gradients, rest mass."""
+                    distill_steps: int = typer.Option(100, help="steps of each distilled student"),
+                    tail_samples: str = typer.Option("8,16,32", help="comma-separated S: top-64 + S tail samples"),
+                    draws: int = typer.Option(4, help="draws of the tail samples per S (spread, mean gradient)"),
+                    distill_samples: int = typer.Option(16, help="S of the third student (0: none)")):
+    """Sparse KD (kd top_k, with and without tail samples) vs full-vocabulary KD on a trained tiny teacher: loss
+    gap, gradients, rest mass, distilled students."""
     from raydistill.bench.sparse_kd import bench_sparse_kd as run_bench, table
 
     result = run_bench(ks=[int(k) for k in ks.split(",")], temperatures=[float(t) for t in temperatures.split(",")],
                        text=text, teacher_steps=teacher_steps, student_steps=student_steps,
-                       distill_steps=distill_steps)
+                       distill_steps=distill_steps, tail_samples=[int(s) for s in tail_samples.split(",") if s],
+                       draws=draws, distill_samples=distill_samples)
     typer.echo(json.dumps(result, indent=2) if as_json else table(result))
 
 
