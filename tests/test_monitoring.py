@@ -247,3 +247,25 @@ def test_ray_trains_run_view_is_on_only_where_a_dashboard_can_show_it(monkeypatc
     assert view("ray.dashboard=false", "ray.address=10.0.0.1:6379") == "1"  # the cluster's own dashboard
     monkeypatch.setattr(launcher, "_USER_STATE_TRACKING", "1")  # the user's choice wins
     assert view("ray.dashboard=false") == "1"
+
+
+def test_ray_trains_preemption_watcher_runs_only_on_a_cluster_raydistill_joins(monkeypatch):
+    from raydistill.config import load_config
+    from raydistill.train import launcher
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launcher, "_USER_PREEMPTION_WATCHER", None)
+
+    def watcher(*overrides: str) -> str:
+        cfg = load_config(None, ["teacher.name=tiny-gpt2", *overrides])
+        assert launcher.worker_env(cfg)[launcher.PREEMPTION_WATCHER] == launcher.ray_train_switches(cfg)[
+            launcher.PREEMPTION_WATCHER]  # the driver's controller and the sweep trials' see the same switch
+        return launcher.worker_env(cfg)[launcher.PREEMPTION_WATCHER]
+
+    assert watcher() == "0"  # the local cluster raydistill starts has no cloud nodes to drain
+    assert watcher("ray.address=10.0.0.1:6379") == "1"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert watcher() == "1"
+    monkeypatch.setattr(launcher, "_USER_PREEMPTION_WATCHER", "1")  # the user's choice wins
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert watcher() == "1"

@@ -23,6 +23,9 @@ from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
 RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
 STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # Ray Train's run view in the dashboard (off in Ray by default)
 _USER_STATE_TRACKING = os.environ.get(STATE_TRACKING)  # read once: later runs in this process set it per run
+# Ray Train's preemption watcher: an actor per run polling for cloud nodes being drained (on in Ray by default).
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_USER_PREEMPTION_WATCHER = os.environ.get(PREEMPTION_WATCHER)
 
 
 class TrainingFailed(RunFailure):
@@ -34,16 +37,30 @@ def state_tracking(cfg: ExperimentConfig) -> str:
     local cluster started with ``ray.dashboard=false`` its state actor would only log failed connections."""
     if _USER_STATE_TRACKING is not None:
         return _USER_STATE_TRACKING
-    local = cfg.ray.address is None and os.environ.get("RAY_ADDRESS") is None
-    return "0" if local and not cfg.ray.dashboard else "1"
+    return "0" if not joined_existing_cluster(cfg) and not cfg.ray.dashboard else "1"
+
+
+def preemption_watcher(cfg: ExperimentConfig) -> str:
+    """The user's choice if they made one, else Ray Train's preemption watcher only on a cluster raydistill joins:
+    the local cluster it starts has no cloud nodes to drain, and the watcher would be one more process polling
+    beside the workers on the same cores."""
+    if _USER_PREEMPTION_WATCHER is not None:
+        return _USER_PREEMPTION_WATCHER
+    return "1" if joined_existing_cluster(cfg) else "0"
+
+
+def ray_train_switches(cfg: ExperimentConfig) -> dict[str, str]:
+    """Ray Train's feature switches for this run, read where its controller is built (the driver, or the trial
+    actors of a sweep)."""
+    return {STATE_TRACKING: state_tracking(cfg), PREEMPTION_WATCHER: preemption_watcher(cfg)}
 
 
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
            # Progress lines go straight to stdout; the print patch would log each twice.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           # Sweep trials build their trainers on the cluster: they need the run view's switch too.
-           STATE_TRACKING: state_tracking(cfg)}
+           # Sweep trials build their trainers on the cluster: they need Ray Train's switches too.
+           **ray_train_switches(cfg)}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed then uses gloo and its CPU accelerator
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -71,7 +88,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ[STATE_TRACKING] = state_tracking(cfg)  # the driver creates Ray Train's controller
+    os.environ.update(ray_train_switches(cfg))  # the driver creates Ray Train's controller
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=cfg.ray.log_to_driver)
     if address is None:
