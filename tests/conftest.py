@@ -5,11 +5,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# Test-only Ray Train settings, inherited by the local clusters the tests start (and their CLI subprocesses):
-# the controller notices that a run ended at its next worker poll, every 2 s by default; and each run starts a
-# preemption-watcher actor (one more process on the 2 cores) for cloud nodes that a local cluster does not have.
+# Test-only: Ray Train's controller notices that a run ended at its next poll of the workers, every 2 s by default
+# (inherited by the local clusters the tests start and by their CLI subprocesses).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
