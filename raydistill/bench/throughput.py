@@ -149,7 +149,9 @@ def _side(windows: list[tuple[float, int]], window: int, fpt: float, peak: float
     step = statistics.median(s for s, _ in windows) / window
     tps = statistics.median(tok / s for s, tok in windows)
     return {"tokens_per_s": tps, "step_time_s": step, "flops_per_s": fpt * tps, "mfu": mfu(fpt, tps, peak),
-            "peak_memory_bytes": memory, "windows": len(windows)}
+            "peak_memory_bytes": memory, "windows": len(windows),
+            # every window's step time, in the order run (the bare loop's: before the framework, then after)
+            "window_step_times_s": [s / window for s, _ in windows]}
 
 
 def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher_overrides: dict | None = None,
