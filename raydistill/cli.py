@@ -206,7 +206,7 @@ def bench_overhead(as_json: bool = typer.Option(False, "--json", help="print one
 
 @bench_app.command("throughput")
 def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-                     preset: str = typer.Option("cpu", help="cpu (tiny GPT-2, 16x256, 2-3 min on 2 cores) or "
+                     preset: str = typer.Option("cpu", help="cpu (tiny GPT-2, 16x256, 1-3 min on 2 cores) or "
                                                 "gpt2-medium (GPT-2-medium-sized teacher -> 12 blocks, 16x512, bf16)"),
                      teacher: Optional[str] = typer.Option(None, help="teacher preset (default: the preset's)"),
                      student_layers: Optional[int] = typer.Option(None, help="student blocks"),

@@ -38,7 +38,7 @@ from raydistill.train.worker import adamw, param_groups
 GPT2_MEDIUM = {"n_embd": 1024, "n_layer": 24, "n_head": 16, "n_positions": 1024, "vocab_size": 50257}
 
 PRESETS: dict[str, dict] = {
-    # Two to three minutes on 2 CPU cores. 16 x 256 tokens: at 16 x 128 (a ~135 ms step) DeepSpeed's fixed
+    # One to three minutes on 2 CPU cores. 16 x 256 tokens: at 16 x 128 (a ~135 ms step) DeepSpeed's fixed
     # per-step work alone (ZeRO-2's gradient hooks, a world-size-1 all-reduce, its flat-partition step: ~7 ms,
     # profiled) is ~5% of the step, a cost that does not grow with the tokens and so says little of real steps.
     "cpu": dict(teacher="tiny-gpt2", teacher_overrides={}, student_layers=2, batch_size=16, block_size=256,
