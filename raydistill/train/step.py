@@ -64,8 +64,8 @@ class DistillModule(nn.Module):
         self.streams = nn.ModuleDict({name: nn.ModuleDict(objs) for name, objs in (streams or {}).items()})
         self.info = info
         self.student_block_path, self.teacher_block_path = block_paths
-        self.needs = _needs(self.objectives)
-        self.stream_needs = {name: _needs(objs) for name, objs in self.streams.items()}
+        self.needs = combined_needs(self.objectives)
+        self.stream_needs = {name: combined_needs(objs) for name, objs in self.streams.items()}
 
     def counts(self, batch: dict[str, torch.Tensor],
                streams: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
@@ -138,7 +138,8 @@ class DistillModule(nn.Module):
         return total, logs
 
 
-def _needs(objectives) -> Needs:
+def combined_needs(objectives) -> Needs:
+    """What a set of objectives (name -> Objective) needs together."""
     needs = Needs()
     for obj in objectives.values():
         needs = needs | obj.needs()

@@ -105,13 +105,6 @@ def default_root(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- what is cached
-def topk_need(objectives: dict) -> int:
-    need = Needs()
-    for obj in objectives.values():
-        need = need | obj.needs()
-    return need.teacher_topk
-
-
 def online_reasons(cfg, plan, needs: Needs, stream_needs: dict[str, Needs]) -> list[str]:
     """Why the teacher must still run in the workers although the cache is used (empty: it is not loaded)."""
     out = []
@@ -370,19 +363,18 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
     """Driver side, before training: check the cache covers the run (filling what is missing) and point the
     plan at it (``plan.teacher_cache``). Prints the storage cost before filling and what was reused."""
     from raydistill.objectives import build_objectives
-    from raydistill.objectives.teacher_signals import check_cache_columns
+    from raydistill.train.step import combined_needs
 
     out = out or sys.stdout
     if cfg.teacher_cache is None or plan.mode != "distill":
         return plan
     objectives = build_objectives(plan.objectives, plan.info)
-    need = topk_need(objectives)
-    if need == 0:
+    needs = combined_needs(objectives)  # the cache's columns against them: checked by plan.prepare already
+    if needs.teacher_topk == 0:
         print("[raydistill] note: teacher_cache is set but no objective reads the teacher's top-K (e.g. "
               "objectives.kd.top_k); the teacher runs as usual", file=out, flush=True)
         return plan
     tc = cfg.teacher_cache
-    check_cache_columns(tc.top_k, objectives, tc.tail_samples, tc.tail_temperature)
     t = cfg.train
     ingr = ingredients(cfg, plan)
     key = cache_key(ingr)
@@ -417,15 +409,12 @@ def attach(cfg, plan, monitor=None, out=None) -> Any:
         computed = run_fill(cfg, plan, root, missing, head, monitor, out)
     else:
         computed = {}
-    if not missing:
         print(f"[raydistill] teacher cache: all {len(units)} step files found (reused {reused}, computed 0)",
               file=out, flush=True)
-    from raydistill.train.step import _needs
-
-    stream_needs = {name: _needs(build_objectives(s.objectives, plan.info)) for name, s in plan.streams.items()}
-    needs = _needs(objectives)
+    stream_needs = {name: combined_needs(build_objectives(s.objectives, plan.info))
+                    for name, s in plan.streams.items()}
     online = online_reasons(cfg, plan, needs, stream_needs)
-    plan.teacher_cache = CacheUse(root=root, key=key, top_k=need, dtype=tc.dtype, tail_samples=needs.teacher_tail[1],
+    plan.teacher_cache = CacheUse(root=root, key=key, top_k=needs.teacher_topk, dtype=tc.dtype, tail_samples=needs.teacher_tail[1],
                                   online=online, stats={
         "files": len(units), "reused_files": reused, "computed_files": len(missing),
         "teacher_forwards": sum(e["micro_batches"] for e in computed.values()),
