@@ -215,6 +215,11 @@ def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print o
                      precision: Optional[str] = typer.Option(None, help="fp32 or bf16"),
                      objectives: str = typer.Option("task,kd", help="comma-separated objectives, each at weight 1"),
                      zero_stage: int = typer.Option(2), steps: Optional[int] = typer.Option(None, help="timed steps"),
+                     rounds: int = typer.Option(1, help="framework runs, each between two bare runs; the ratio is "
+                                                "the median of the rounds' (steadier on a busy machine)"),
+                     set_: Optional[List[str]] = typer.Option(None, "--set", help="a config override for both sides, "
+                                                              "as `train` takes it (repeatable), e.g. "
+                                                              "deepspeed.extra.zero_optimization.overlap_comm=true"),
                      bare_only: bool = typer.Option(False, "--bare-only", help="skip the Ray Train + DeepSpeed side")):
     """Tokens/s, step time, counted FLOPs/token, FLOP/s, MFU and peak memory of the same distillation step in a
     bare PyTorch loop and through Ray Train + DeepSpeed (1 worker), side by side; ratio framework / bare."""
@@ -230,7 +235,8 @@ def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print o
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         result = run_bench(preset, teacher=teacher, student_layers=student_layers, batch_size=batch_size,
                            block_size=block_size, precision=precision, objectives=tuple(objectives.split(",")),
-                           zero_stage=zero_stage, steps=steps, framework=not bare_only)
+                           zero_stage=zero_stage, steps=steps, framework=not bare_only, rounds=rounds,
+                           overrides=tuple(set_ or ()))
     typer.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 

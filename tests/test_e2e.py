@@ -63,6 +63,18 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
 
 
+def test_workers_start_with_the_malloc_settings_in_their_initial_environment(ray_cluster):
+    """glibc reads MALLOC_ARENA_MAX once, as the process starts: it must be in the environment the worker
+    process was started with (/proc/self/environ), not only set later in Python."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def initial_environment() -> list[bytes]:
+        return Path("/proc/self/environ").read_bytes().split(b"\0")
+
+    assert f"{launcher.ARENA_MAX}=1".encode() in ray.get(initial_environment.remote())
+
+
 def test_resume_continues_from_checkpoint_without_losing_or_repeating_steps(ray_cluster, tmp_path, cache_dir):
     args = ["teacher.name=tiny-gpt2", "student.num_layers=1", "train.max_steps=10", "train.log_every=1",
             "train.checkpoint_every=5", "objectives.kd.weight=1.0"]

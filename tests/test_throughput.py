@@ -13,7 +13,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from raydistill.bench.throughput import _side
+from raydistill.bench.throughput import (BareLoop, EngineLoop, _side, bench_config, bench_throughput, interleaved,
+                                         one_process_group, paired_ratio, round_ratios)
+from raydistill.errors import ConfigError
 from raydistill.data.blocks import BatchSampler, Blocks, TokenInfo
 from raydistill.monitoring.metrics import (PEAK_FLOPS, counted_flops, flops_per_token, measured_gemm_flops, mfu,
                                            peak_flops, peak_memory_bytes)
@@ -153,6 +155,59 @@ def test_mfu_and_the_bench_columns_from_timed_windows():
     assert side["flops_per_s"] == pytest.approx(8e8)
     assert side["mfu"] == pytest.approx(0.08)
     assert side["peak_memory_bytes"] == 123 and side["windows"] == 3
+
+
+def test_each_round_compares_its_framework_run_with_the_bare_runs_on_either_side():
+    # B F B F B: bare windows drift from 1.0 s to 1.2 s; each framework run sits between two bare runs.
+    bare = [[1.0, 1.0, 1.0], [1.1, 1.1, 1.1], [1.2, 1.2, 1.3]]
+    framework = [[1.10, 1.05, 2.00], [1.20, 1.15, 1.18]]
+    assert round_ratios(bare, framework) == pytest.approx([1.10 / 1.05, 1.18 / 1.15])
+
+
+def test_interleaved_windows_take_turns_on_the_same_batches_and_drop_the_warm_up():
+    calls = []
+
+    class Recording:
+        def __init__(self, name):
+            self.name = name
+
+        def window(self, first, window):
+            calls.append((self.name, first, window))
+            return float(len(calls)), 10 * window
+
+    a, b = interleaved([Recording("a"), Recording("b")], steps=10, window=5)
+    assert calls == [("a", 1, 5), ("b", 1, 5), ("a", 6, 5), ("b", 6, 5), ("a", 11, 5), ("b", 11, 5)]
+    assert a == [(3.0, 50), (5.0, 50)] and b == [(4.0, 50), (6.0, 50)]
+    # Ratios of back-to-back windows, then their median: 6/5, 4/3 and 9/1 -> 4/3.
+    assert paired_ratio([(4.0, 0), (6.0, 0), (9.0, 0)], [(3.0, 0), (5.0, 0), (1.0, 0)]) == pytest.approx(4 / 3)
+
+
+def test_the_bench_deepspeed_side_trains_the_bare_loop_step(tmp_path):
+    """EngineLoop is the same step through DeepSpeed's engine (ZeRO-2, clipping): same losses, same weights."""
+    cfg = bench_config(str(tmp_path / "run"), str(tmp_path / "cache"), teacher="tiny-gpt2", teacher_overrides={},
+                       student_layers=2, batch_size=2, block_size=32, precision="fp32", objectives=("task", "kd"),
+                       zero_stage=2, steps=2, window=1, use_gpu=False)
+    device = torch.device("cpu")
+    with one_process_group(device):
+        bare, engine = BareLoop(cfg, device), EngineLoop(cfg, device)
+        for n in (1, 2, 3):
+            torch.manual_seed(n)  # the same dropout masks on both sides
+            tokens = bare.step(n)
+            torch.manual_seed(n)
+            assert engine.step(n) == tokens
+        for (name, p), q in zip(bare.module.named_parameters(), engine.engine.module.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("item, option", [("train.batch_size=4", "--batch-size"), ("deepspeed.zero_stage=0",
+                                          "--zero-stage"), ("objectives.kd.weight=0.5", "--objectives"),
+                                          ("output_dir=/tmp/x", "any other config key")])
+def test_set_refuses_what_the_bench_sets_itself_before_anything_runs(item, option):
+    with pytest.raises(ConfigError, match=rf"--set '{item}'.*allowed: .*{option}"):
+        bench_throughput(overrides=(item,))
+    with pytest.raises(ConfigError, match="rounds: 0"):
+        bench_throughput(rounds=0)
 
 
 def test_peaks_known_gpus_from_the_table_and_cpu_measured():

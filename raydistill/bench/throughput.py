@@ -15,7 +15,9 @@ measured GEMM on CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,9 +27,11 @@ import torch
 
 from raydistill.config import load_config
 from raydistill.data.blocks import BatchSampler
+from raydistill.errors import ConfigError
 from raydistill.models.loading import build_model, init_from_teacher, prepare_student, teacher_dtype
 from raydistill.monitoring.metrics import counted_flops, flops_per_token, mfu, peak_flops, peak_memory_bytes
 from raydistill.objectives import build_objectives
+from raydistill.train.ds_config import deepspeed_config
 from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import prepare
 from raydistill.train.step import DistillModule
@@ -48,12 +52,19 @@ PRESETS: dict[str, dict] = {
                         block_size=512, precision="bf16", steps=30),
 }
 TARGET = 1.05
+# Config keys the bench sets from its own options (or fixes: one worker, its run directories, its windows);
+# ``--set`` refuses them so that the report's columns describe what ran.
+OWN_KEYS = {"teacher.name": "--teacher", "student.num_layers": "--student-layers", "train.batch_size": "--batch-size",
+            "data.block_size": "--block-size", "train.precision": "--precision", "deepspeed.zero_stage": "--zero-stage",
+            "train.max_steps": "--steps", "train.log_every": None, "output_dir": None, "cache_dir": None,
+            "scaling.num_workers": None, "scaling.use_gpu": None}
 
 
 def bench_config(out: str, cache: str, *, teacher: str, teacher_overrides: dict, student_layers: int, batch_size: int,
                  block_size: int, precision: str, objectives: tuple[str, ...], zero_stage: int, steps: int,
-                 window: int, use_gpu: bool):
-    """The experiment config both sides run: ``steps`` timed steps after one warm-up window."""
+                 window: int, use_gpu: bool, overrides: tuple[str, ...] = ()):
+    """The experiment config both sides run: ``steps`` timed steps after one warm-up window. ``overrides``
+    (``key=value``, as ``raydistill train`` takes them) come last, so they win over the bench's own."""
     return load_config(None, [
         f"teacher.name={teacher}", *(f"teacher.config_overrides.{k}={v}" for k, v in teacher_overrides.items()),
         f"student.num_layers={student_layers}", f"output_dir={out}", f"cache_dir={cache}",
@@ -61,7 +72,7 @@ def bench_config(out: str, cache: str, *, teacher: str, teacher_overrides: dict,
         f"data.block_size={block_size}", f"train.batch_size={batch_size}", f"train.max_steps={steps + window}",
         f"train.precision={precision}", f"train.log_every={window}", "train.eval_batches=1", "train.grad_clip=1.0",
         f"deepspeed.zero_stage={zero_stage}", "scaling.num_workers=1", f"scaling.use_gpu={str(use_gpu).lower()}",
-        "ray.dashboard=false", "ray.log_to_driver=false", "monitoring.progress=plain"])
+        "ray.dashboard=false", "ray.log_to_driver=false", "monitoring.progress=plain", *overrides])
 
 
 class BareLoop:
@@ -92,9 +103,8 @@ class BareLoop:
     def step(self, n: int) -> int:
         """One optimiser step on batch ``n``; returns its (non-padding) tokens, counted on the host."""
         cpu = self.data.batch(n)
-        batch = {k: (v.pin_memory() if self.cuda else v).to(self.device, non_blocking=True) for k, v in cpu.items()}
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss, _ = self.module(batch, self.teacher)
+            loss, _ = self.module(self._moved(cpu), self.teacher)
         loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
@@ -102,23 +112,25 @@ class BareLoop:
         self.optimizer.zero_grad(set_to_none=True)
         return int(cpu["attention_mask"].sum())
 
+    def _moved(self, cpu: dict) -> dict:
+        return {k: (v.pin_memory() if self.cuda else v).to(self.device, non_blocking=True) for k, v in cpu.items()}
+
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def window(self, first: int, window: int) -> tuple[float, int]:
+        """(seconds, tokens) of ``window`` steps from batch ``first``."""
+        self.sync()
+        start, tokens = time.perf_counter(), 0
+        for n in range(first, first + window):
+            tokens += self.step(n)
+        self.sync()
+        return time.perf_counter() - start, tokens
+
     def windows(self, steps: int, window: int, first: int = 1) -> list[tuple[float, int]]:
         """(seconds, tokens) of each ``window``-step window after a warm-up window."""
-        out, n = [], first
-        for w in range(steps // window + 1):
-            self.sync()
-            start, tokens = time.perf_counter(), 0
-            for _ in range(window):
-                tokens += self.step(n)
-                n += 1
-            self.sync()
-            if w:
-                out.append((time.perf_counter() - start, tokens))
-        return out
+        return [self.window(first + w * window, window) for w in range(steps // window + 1)][1:]
 
     def flops_per_token(self, n: int = 1) -> tuple[float, float]:
         """(counted, estimated) FLOPs per token of one step: the flop counter's, and the 6N + 2N_teacher +
@@ -134,15 +146,99 @@ class BareLoop:
         return counted / positions, estimate
 
 
+class EngineLoop(BareLoop):
+    """The bare loop's step through DeepSpeed's engine as the workers configure it (ZeRO stage, precision,
+    clipping, ``deepspeed.extra``), in this process and without Ray: what DeepSpeed alone adds to the step."""
+
+    def __init__(self, cfg, device: torch.device):
+        super().__init__(cfg, device)
+        import deepspeed
+
+        self.engine = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
+                                           config=deepspeed_config(cfg, 1), dist_init_required=False)[0]
+
+    def step(self, n: int) -> int:
+        cpu = self.data.batch(n)
+        loss, _ = self.engine(self._moved(cpu), self.teacher)
+        self.engine.backward(loss)
+        self.engine.step()
+        return int(cpu["attention_mask"].sum())
+
+
+@contextlib.contextmanager
+def one_process_group(device: torch.device):
+    """A one-rank process group for DeepSpeed in this process (gloo on CPU, NCCL on a GPU), unless one exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    # What a launcher sets and DeepSpeed asks for; put back afterwards, so that a Ray cluster started later
+    # from this process does not hand them to its workers.
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    if device.type == "cpu":
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")  # as the launcher sets it for CPU workers
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{tmp}/store",
+                                    rank=0, world_size=1)
+            try:
+                yield
+            finally:
+                dist.destroy_process_group()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def interleaved(loops: list[BareLoop], steps: int, window: int) -> list[list[tuple[float, int]]]:
+    """Each loop's windows, one window of each in turn (after a warm-up window each): a machine whose speed
+    drifts slows them alike, so their ratio is steadier than that of runs one after another."""
+    out: list[list[tuple[float, int]]] = [[] for _ in loops]
+    for w in range(steps // window + 1):
+        for loop, windows in zip(loops, out):
+            timed = loop.window(1 + w * window, window)
+            if w:
+                windows.append(timed)
+    return out
+
+
+def paired_ratio(numerator: list[tuple[float, int]], denominator: list[tuple[float, int]]) -> float:
+    """The median over window pairs (run back to back) of their time ratio."""
+    return statistics.median(a / b for (a, _), (b, _) in zip(numerator, denominator))
+
+
 def _framework(cfg, window: int) -> tuple[list[tuple[float, int]], int | None]:
+    import ray
+
     from raydistill.train.launcher import run
 
-    run(cfg)
+    owned = not ray.is_initialized()
+    try:
+        run(cfg)
+    finally:
+        # The local cluster the run started goes down with it, as at the end of `raydistill train`: its idle
+        # processes (GCS, raylet, agents; ~100 wake-ups a second each) would otherwise share the machine with
+        # the next bare run, and slow only that side.
+        if owned:
+            ray.shutdown()
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     # Rows every `window` steps, each the mean of the steps since the one before; the first holds the warm-up.
     timed = [r for r in rows if r["step"] > window]
     return ([(r["step_time_s"] * window, r["tokens_per_s"] * r["step_time_s"] * window) for r in timed],
             max((r.get("peak_memory_bytes") or 0 for r in rows), default=None))
+
+
+def round_ratios(bare_runs: list[list[float]], framework_runs: list[list[float]]) -> list[float]:
+    """Each framework run's median window over the median of the bare windows on either side of it (bare run r
+    before framework run r, bare run r + 1 after): one ratio per round, drift between rounds cancelled."""
+    return [statistics.median(fw) / statistics.median(bare_runs[r] + bare_runs[r + 1])
+            for r, fw in enumerate(framework_runs)]
 
 
 def _side(windows: list[tuple[float, int]], window: int, fpt: float, peak: float | None, memory) -> dict:
@@ -157,7 +253,18 @@ def _side(windows: list[tuple[float, int]], window: int, fpt: float, peak: float
 def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher_overrides: dict | None = None,
                      student_layers: int | None = None, batch_size: int | None = None, block_size: int | None = None,
                      precision: str | None = None, objectives: tuple[str, ...] = ("task", "kd"), zero_stage: int = 2,
-                     steps: int | None = None, window: int = 5, framework: bool = True) -> dict:
+                     steps: int | None = None, window: int = 5, framework: bool = True, rounds: int = 1,
+                     overrides: tuple[str, ...] = ()) -> dict:
+    """``rounds`` framework runs, each between two bare runs (B F B F B ...); the ratio is the median of the
+    rounds' ratios (``round_ratios``), the sides' columns medians over all their windows."""
+    if rounds < 1:
+        raise ConfigError(f"rounds: {rounds!r} is not a number of rounds; allowed: an integer >= 1")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in OWN_KEYS or key.startswith("objectives.") and key.endswith(".weight"):
+            option = OWN_KEYS.get(key, "--objectives")
+            raise ConfigError(f"--set {item!r}: the bench sets {key} itself; allowed: "
+                              + (f"its option {option}" if option else "any other config key"))
     base = PRESETS[preset]
     setup = dict(teacher=teacher or base["teacher"],
                  teacher_overrides=base["teacher_overrides"] if teacher_overrides is None else teacher_overrides,
@@ -165,33 +272,52 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                  block_size=block_size or base["block_size"], precision=precision or base["precision"],
                  objectives=tuple(objectives), zero_stage=zero_stage, steps=steps or base["steps"], window=window)
     use_gpu = torch.cuda.is_available()
-    if not use_gpu:
-        keep_freed_host_memory()  # as training workers do (scaling.keep_freed_host_memory)
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(f"{tmp}/run", f"{tmp}/cache", use_gpu=use_gpu, **setup)
-        # A-B-A: the bare loop before and after the framework, its windows pooled.
+        # Every round's framework run writes its own run directory; the config is checked before anything runs.
+        configs = [bench_config(f"{tmp}/run{r}", f"{tmp}/cache", use_gpu=use_gpu, overrides=tuple(overrides),
+                                **setup) for r in range(rounds if framework else 1)]
+        if not use_gpu:
+            keep_freed_host_memory()  # as training workers do (scaling.keep_freed_host_memory)
+        cfg = configs[0]
         bare = BareLoop(cfg, device)
         peak, peak_source = peak_flops(device, setup["precision"])
         if use_gpu:
             torch.cuda.reset_peak_memory_stats(device)
-        bare_windows = bare.windows(setup["steps"], window)
+        bare_runs = [bare.windows(setup["steps"], window)]
         counted, estimate = bare.flops_per_token()
         bare_memory = peak_memory_bytes(device)
-        del bare
-        fw_windows, fw_memory = _framework(cfg, window) if framework else ([], None)
-        if framework:
+        engine_windows: list[tuple[float, int]] = []
+        if framework:  # DeepSpeed's share of the framework's cost, window by window against the bare loop
+            with one_process_group(device):
+                engine = EngineLoop(cfg, device)
+                bare_windows, engine_windows = interleaved([bare, engine], setup["steps"], window)
+                bare_runs[0] += bare_windows
+                del engine
+        del bare  # the framework's worker gets the device to itself
+        fw_runs, fw_memory = [], None
+        for run_cfg in configs if framework else []:
+            fw_windows, memory = _framework(run_cfg, window)
+            fw_runs.append(fw_windows)
+            fw_memory = max(fw_memory or 0, memory or 0) or None
             again = BareLoop(cfg, device)
-            bare_windows += again.windows(setup["steps"], window)
+            bare_runs.append(again.windows(setup["steps"], window))
             del again
-    rows = {"bare": _side(bare_windows, window, counted, peak, bare_memory)}
-    if fw_windows:
-        rows["framework"] = _side(fw_windows, window, counted, peak, fw_memory)
-    ratio = rows["framework"]["step_time_s"] / rows["bare"]["step_time_s"] if "framework" in rows else None
+    rows = {"bare": _side([w for run in bare_runs for w in run], window, counted, peak, bare_memory)}
+    ratios = None
+    if engine_windows:  # its memory is not its own: it shares this process (and device) with the bare loop
+        rows["deepspeed"] = _side(engine_windows, window, counted, peak, None)
+    if fw_runs:
+        rows["framework"] = _side([w for run in fw_runs for w in run], window, counted, peak, fw_memory)
+        ratios = round_ratios([[s for s, _ in run] for run in bare_runs], [[s for s, _ in run] for run in fw_runs])
     name = torch.cuda.get_device_name(device) if use_gpu else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"preset": preset, "device": name, **setup, "flops_per_token": counted,
-              "flops_per_token_estimate": estimate, "peak_flops": peak, "peak_flops_source": peak_source,
-              "bare": rows["bare"], "framework": rows.get("framework"), "ratio": ratio, "target": TARGET}
+    result = {"preset": preset, "device": name, **setup, "rounds": rounds, "overrides": list(overrides),
+              "flops_per_token": counted, "flops_per_token_estimate": estimate, "peak_flops": peak,
+              "peak_flops_source": peak_source, "bare": rows["bare"], "deepspeed": rows.get("deepspeed"),
+              "framework": rows.get("framework"), "ratio": statistics.median(ratios) if ratios else None,
+              "round_ratios": ratios,
+              "deepspeed_ratio": paired_ratio(engine_windows, bare_runs[0][-len(engine_windows):])
+              if engine_windows else None, "target": TARGET}
     result["table"] = _table(result)
     return result
 
@@ -199,18 +325,26 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
 def _table(r: dict) -> str:
     head = (f"throughput bench on {r['device']}: {r['teacher']} teacher -> {r['student_layers']}-block student, "
             f"{'+'.join(r['objectives'])}, batch {r['batch_size']}x{r['block_size']}, {r['precision']}, "
-            f"ZeRO-{r['zero_stage']}, {r['steps']} timed steps per side\n"
+            f"ZeRO-{r['zero_stage']}, {r['steps']} timed steps per side"
+            + (f" and round, {r['rounds']} rounds" if r["rounds"] > 1 else "")
+            + (f"; set {' '.join(r['overrides'])}" if r["overrides"] else "") + "\n"
             f"counted {r['flops_per_token'] / 1e9:.4g} GFLOP/token (estimate {r['flops_per_token_estimate'] / 1e9:.4g})")
     if r["peak_flops"]:
         head += f"; peak {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_flops_source']})"
     lines = [head, f"{'loop':<24}{'tokens/s':>12}{'step (ms)':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak mem (MB)':>15}"]
-    for label, key in (("bare PyTorch", "bare"), ("Ray Train + DeepSpeed", "framework")):
+    for label, key in (("bare PyTorch", "bare"), ("DeepSpeed, no Ray", "deepspeed"),
+                       ("Ray Train + DeepSpeed", "framework")):
         side = r.get(key)
         if side:
             mem = side["peak_memory_bytes"]
             lines.append(f"{label:<24}{side['tokens_per_s']:>12.0f}{side['step_time_s'] * 1e3:>11.2f}"
                          f"{side['flops_per_s'] / 1e12:>10.3f}{(side['mfu'] or 0) * 100:>7.1f}%"
-                         f"{(mem or 0) / 2**20:>15.0f}")
+                         + (f"{mem / 2**20:>15.0f}" if mem else f"{'-':>15}"))
     if r["ratio"] is not None:
-        lines.append(f"ratio (framework / bare step time): {r['ratio']:.3f}   target <= {r['target']:.2f}")
+        lines.append(f"ratio (framework / bare step time): {r['ratio']:.3f}   target <= {r['target']:.2f}"
+                     + (f"   (median of the rounds' {', '.join(f'{x:.3f}' for x in r['round_ratios'])})"
+                        if len(r["round_ratios"]) > 1 else ""))
+    if r["deepspeed_ratio"] is not None:
+        lines.append(f"of which DeepSpeed's engine (in this process, windows interleaved with the bare loop's): "
+                     f"{r['deepspeed_ratio']:.3f}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ _USER_STATE_TRACKING = os.environ.get(STATE_TRACKING)  # read once: later runs i
 # Ray Train's preemption watcher: an actor per run polling for cloud nodes being drained (on in Ray by default).
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _USER_PREEMPTION_WATCHER = os.environ.get(PREEMPTION_WATCHER)
+ARENA_MAX = "MALLOC_ARENA_MAX"
 
 
 class TrainingFailed(RunFailure):
@@ -64,6 +65,11 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed then uses gloo and its CPU accelerator
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
+    if cfg.scaling.keep_freed_host_memory and ARENA_MAX not in os.environ:
+        # Ray Train runs the training loop in a thread, and glibc gives threads their own arenas, whose large
+        # blocks are mmap'd and unmapped whatever mallopt says: one arena keeps them in the heap that
+        # keep_freed_host_memory governs. Read by glibc at process start, so it goes in the workers' env.
+        env[ARENA_MAX] = "1"
     return env
 
 
