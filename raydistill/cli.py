@@ -222,7 +222,8 @@ def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print o
                                                               "deepspeed.extra.zero_optimization.overlap_comm=true"),
                      bare_only: bool = typer.Option(False, "--bare-only", help="skip the Ray Train + DeepSpeed side")):
     """Tokens/s, step time, counted FLOPs/token, FLOP/s, MFU and peak memory of the same distillation step in a
-    bare PyTorch loop and through Ray Train + DeepSpeed (1 worker), side by side; ratio framework / bare."""
+    bare PyTorch loop, through DeepSpeed's engine alone and through Ray Train + DeepSpeed (1 worker), side by
+    side; ratios framework / bare and DeepSpeed / bare."""
     from raydistill.bench.throughput import PRESETS, bench_throughput as run_bench
 
     if preset not in PRESETS:

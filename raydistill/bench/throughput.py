@@ -1,12 +1,13 @@
-"""``raydistill bench throughput``: the distillation step's speed in a bare PyTorch loop and through
-Ray Train + DeepSpeed (one worker), side by side in one invocation, on whatever device is present.
+"""``raydistill bench throughput``: the distillation step's speed in a bare PyTorch loop, through DeepSpeed's
+engine alone (in this process) and through Ray Train + DeepSpeed (one worker), side by side in one invocation,
+on whatever device is present.
 
-Both sides run raydistill's own ``DistillModule``, models, objectives and batches at the same batch, sequence
+All sides run raydistill's own ``DistillModule``, models, objectives and batches at the same batch, sequence
 length and precision. The bare loop is what the step costs without the framework: the batch built and moved,
-forward (bf16 autocast where asked), backward, gradient clipping, AdamW (fused on CUDA), nothing else. It runs
-before and after the framework (A-B-A), so a machine whose load drifts shifts both alike. Times are medians of
-``window``-step windows after a warm-up window (the framework's are its ``metrics.jsonl`` rows, logged every
-``window`` steps).
+forward (bf16 autocast where asked), backward, gradient clipping, AdamW (fused on CUDA), nothing else. The
+DeepSpeed side takes turns with it window by window; each framework run has a bare run before and after it
+(B F B ...), so a machine whose speed drifts moves both alike. Times are medians of ``window``-step windows
+after a warm-up window (the framework's are its ``metrics.jsonl`` rows, logged every ``window`` steps).
 
 FLOPs per token are counted on one bare step with ``torch.utils.flop_counter`` (matrix multiplies and
 attention of the student's forward and backward and the teacher's forward); achieved FLOP/s is that times

@@ -12,6 +12,11 @@ defaults, and 1.55-1.61 (mean 1.59) with freed memory kept: the IIT step 9-12% f
 in the heap and the next step reuses them without faults. The resident set then stays at its peak, which
 a training process reaches every step anyway, and the peak grows a little with the heap's fragmentation
 (the BERT-base bench: 3.6 GB instead of 3.3 GB). Accelerator memory is not affected.
+
+mallopt governs the main arena only as far as big blocks go: a thread's own arena (heaps of at most 64 MiB)
+maps any larger block and unmaps it when freed. Ray Train runs the training loop in a thread, so the workers
+also start with ``MALLOC_ARENA_MAX=1`` (``raydistill.train.launcher.worker_env``): every thread then uses the
+main heap.
 """
 
 from __future__ import annotations
