@@ -129,9 +129,9 @@ class BareLoop:
         self.sync()
         return time.perf_counter() - start, tokens
 
-    def windows(self, steps: int, window: int, first: int = 1) -> list[tuple[float, int]]:
+    def windows(self, steps: int, window: int) -> list[tuple[float, int]]:
         """(seconds, tokens) of each ``window``-step window after a warm-up window."""
-        return [self.window(first + w * window, window) for w in range(steps // window + 1)][1:]
+        return interleaved([self], steps, window)[0]
 
     def flops_per_token(self, n: int = 1) -> tuple[float, float]:
         """(counted, estimated) FLOPs per token of one step: the flop counter's, and the 6N + 2N_teacher +
@@ -289,10 +289,12 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
         counted, estimate = bare.flops_per_token()
         bare_memory = peak_memory_bytes(device)
         engine_windows: list[tuple[float, int]] = []
+        deepspeed_ratio = None
         if framework:  # DeepSpeed's share of the framework's cost, window by window against the bare loop
             with one_process_group(device):
                 engine = EngineLoop(cfg, device)
                 bare_windows, engine_windows = interleaved([bare, engine], setup["steps"], window)
+                deepspeed_ratio = paired_ratio(engine_windows, bare_windows)
                 bare_runs[0] += bare_windows
                 del engine
         del bare  # the framework's worker gets the device to itself
@@ -316,9 +318,7 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
               "flops_per_token": counted, "flops_per_token_estimate": estimate, "peak_flops": peak,
               "peak_flops_source": peak_source, "bare": rows["bare"], "deepspeed": rows.get("deepspeed"),
               "framework": rows.get("framework"), "ratio": statistics.median(ratios) if ratios else None,
-              "round_ratios": ratios,
-              "deepspeed_ratio": paired_ratio(engine_windows, bare_runs[0][-len(engine_windows):])
-              if engine_windows else None, "target": TARGET}
+              "round_ratios": ratios, "deepspeed_ratio": deepspeed_ratio, "target": TARGET}
     result["table"] = _table(result)
     return result
 
