@@ -217,7 +217,7 @@ def paired_ratio(numerator: list[tuple[float, int]], denominator: list[tuple[flo
 def _framework(cfg, window: int) -> tuple[list[tuple[float, int]], int | None]:
     import ray
 
-    from raydistill.train.launcher import run
+    from raydistill.train.launcher import _shutdown, run
 
     owned = not ray.is_initialized()
     try:
@@ -226,8 +226,7 @@ def _framework(cfg, window: int) -> tuple[list[tuple[float, int]], int | None]:
         # The local cluster the run started goes down with it, as at the end of `raydistill train`: its idle
         # processes (GCS, raylet, agents; ~100 wake-ups a second each) would otherwise share the machine with
         # the next bare run, and slow only that side.
-        if owned:
-            ray.shutdown()
+        _shutdown(owned)
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     # Rows every `window` steps, each the mean of the steps since the one before; the first holds the warm-up.
     timed = [r for r in rows if r["step"] > window]
