@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.train.progress import TENSORBOARD_DIR, ProgressPrinter
+from raydistill.train.progress import TENSORBOARD_DIR, ProgressPrinter, wait_for_writers
 
 
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
@@ -61,6 +61,36 @@ def test_progress_other_ranks_write_nothing(tmp_path):
     p.log(_row(2))
     p.close()
     assert not (tmp_path / TENSORBOARD_DIR).exists()
+
+
+def test_the_driver_waits_for_a_killed_writer_before_reading_the_last_row(tmp_path):
+    """After SIGINT the driver names the last logged step; it reads metrics.jsonl only once rank 0's process,
+    which holds the file while it may write, is gone (killed with SIGKILL here, as Ray kills actors)."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from raydistill.train.progress import ProgressPrinter; "
+         f"p = ProgressPrinter(Path({str(path)!r}), 9, 0, enabled=True, tensorboard=False); "
+         "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        assert not wait_for_writers(path, timeout_s=0.3)  # alive: it may still write a row
+        writer.send_signal(signal.SIGKILL)
+        assert wait_for_writers(path, timeout_s=10)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert wait_for_writers(tmp_path / "absent.jsonl", timeout_s=0)
+    # The writers of a run (rank 0 and a resumed session's rank 0) only share the file.
+    a = ProgressPrinter(path, 4, 0, enabled=True, tensorboard=False)
+    b = ProgressPrinter(path, 4, 2, enabled=True, tensorboard=False)
+    assert not wait_for_writers(path, timeout_s=0)
+    a.close(), b.close()
+    assert wait_for_writers(path, timeout_s=0)
 
 
 # --- the sweep file's callbacks section ----------------------------------------------------------------------

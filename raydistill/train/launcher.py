@@ -19,7 +19,9 @@ from raydistill.train import checkpoints, cluster
 from raydistill.train.faults import (Interrupted, RunFailure, clear_failure, failure_message, read_failure,
                                      skip_unsupported)
 from raydistill.train.plan import Mode, RunPlan, prepare, pretrained_teacher_dir
+from raydistill.train.progress import wait_for_writers
 
+WRITER_EXIT_TIMEOUT_S = 10.0  # after SIGINT: how long the killed workers may take to exit
 RAY_INIT_TIMEOUT_S = 60.0  # a reachable port that is not a Ray head: Ray would retry for minutes
 STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # Ray Train's run view in the dashboard (off in Ray by default)
 _USER_STATE_TRACKING = os.environ.get(STATE_TRACKING)  # read once: later runs in this process set it per run
@@ -277,6 +279,8 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
         result = trainer.fit()
     except KeyboardInterrupt:
         _stop_controller(trainer)
+        # The kill reaches the workers asynchronously: let rank 0 die before naming the last step it logged.
+        wait_for_writers(out / "metrics.jsonl", WRITER_EXIT_TIMEOUT_S)
         step, ckpt = _last_logged_step(out), latest_checkpoint_step(run_storage)
         raise Interrupted(
             f"interrupted{f' after step {step}' if step else ''}; the workers were stopped. Rerun the same command "

@@ -6,6 +6,7 @@ already holds on the host: nothing here waits for the device."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from datetime import timedelta
@@ -39,6 +40,32 @@ def open_tensorboard(logdir: Path, start_step: int):
                          filename_suffix=f".{start_step}.{os.getpid()}")
 
 
+def _lock(file, how: int) -> bool:
+    try:
+        fcntl.flock(file.fileno(), how)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks: the writers cannot be waited for
+        return True
+
+
+def wait_for_writers(path: Path, timeout_s: float) -> bool:
+    """Wait until no process holds ``path`` open as a ``ProgressPrinter`` (rank 0 of a run, once its workers
+    were killed); False if one still does after ``timeout_s``. A missing file has no writer."""
+    try:
+        file = open(path, "rb")
+    except OSError:
+        return True
+    with file:
+        deadline = time.monotonic() + timeout_s
+        while not _lock(file, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+
 class ProgressPrinter:
     def __init__(self, path: Path, max_steps: int, start_step: int, enabled: bool, tensorboard: bool = True):
         self.enabled, self.max_steps = enabled, max_steps
@@ -48,6 +75,9 @@ class ProgressPrinter:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)
+            # Held while this process may still write rows; the kernel drops it when the process dies, which is
+            # how the driver knows a stopped worker has written its last row (wait_for_writers).
+            _lock(self.file, fcntl.LOCK_SH)
             if tensorboard:
                 self.writer = open_tensorboard(path.parent / TENSORBOARD_DIR, start_step)
 
