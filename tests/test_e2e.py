@@ -95,3 +95,21 @@ def test_resume_continues_from_checkpoint_without_losing_or_repeating_steps(ray_
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     assert sorted(scalars["loss"]) == list(range(1, 11))
     assert scalars["loss"][6] == pytest.approx(second[0]["loss"], rel=1e-6)
+
+
+def test_ray_trains_controller_unpickles_the_entry_without_the_model_code():
+    """Ray Train's controller unpickles the training function before any worker starts: what it imports then is
+    on every run's critical path. The entry pickles by reference to a module that imports no model code."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from raydistill.train.entry import train_loop_per_worker
+
+    blob = cloudpickle.dumps(train_loop_per_worker)
+    heavy = ["torch", "transformers", "deepspeed", "raydistill.train.worker", "raydistill.train.plan"]
+    out = subprocess.run([sys.executable, "-c", f"import pickle, sys; pickle.loads({blob!r}); "
+                          f"print([m for m in {heavy!r} if m in sys.modules])"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -238,7 +238,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    from raydistill.train.worker import train_loop_per_worker
+    from raydistill.train.entry import train_loop_per_worker
 
     cfg = plan.cfg
     if skip_unsupported(cfg):
@@ -268,7 +268,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
     clear_failure(out)
     trainer = _trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "attempt": attempt, "monitor": monitor},
+        train_loop_config={"plan": ray.put(plan), "attempt": attempt, "monitor": monitor},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path or str(out / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),

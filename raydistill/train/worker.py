@@ -754,8 +754,3 @@ def _detail(metrics: dict[str, Any]) -> str:
     if "val/loss" in metrics:
         parts.append(f"val/loss {metrics['val/loss']:.4g}")
     return " · ".join(parts)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Entry point Ray Train runs on every worker."""
-    Worker(config["plan"], attempt=config.get("attempt"), monitor=config.get("monitor")).run()
