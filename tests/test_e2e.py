@@ -1,4 +1,4 @@
-"""End-to-end runs on real Ray Train + DeepSpeed: 2 CPU workers, ZeRO-2 and ZeRO-3, encoder and decoder."""
+"""End-to-end runs on real Ray Train + DeepSpeed: 2 CPU workers, ZeRO-3 and ZeRO-2, encoder and decoder."""
 
 import json
 from pathlib import Path
@@ -24,7 +24,9 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("preset, zero", [("tiny-bert", 2), ("tiny-bert", 3), ("tiny-gpt2", 2), ("tiny-gpt2", 3)])
+# One stage per architecture (each run costs ~20 s of Ray Train start-up on 2 cores): ZeRO-3's export gathers the
+# partitioned weights, tied ones included; the IIT, normalisation and fault tests run ZeRO-2 on both.
+@pytest.mark.parametrize("preset, zero", [("tiny-bert", 2), ("tiny-gpt2", 3)])
 def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_path, cache_dir, preset, zero):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -73,28 +75,6 @@ def test_workers_start_with_the_malloc_settings_in_their_initial_environment(ray
         return Path("/proc/self/environ").read_bytes().split(b"\0")
 
     assert f"{launcher.ARENA_MAX}=1".encode() in ray.get(initial_environment.remote())
-
-
-def test_resume_continues_from_checkpoint_without_losing_or_repeating_steps(ray_cluster, tmp_path, cache_dir):
-    args = ["teacher.name=tiny-gpt2", "student.num_layers=1", "train.max_steps=10", "train.log_every=1",
-            "train.checkpoint_every=5", "objectives.kd.weight=1.0"]
-    with pytest.raises(launcher.TrainingFailed, match="fail_at_step=7"):
-        launcher.run(config(tmp_path, cache_dir, *args, "train.fail_at_step=7"))
-    first = metric_rows(tmp_path / "run")
-    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
-
-    launcher.run(config(tmp_path, cache_dir, *args))  # same name and output_dir: resumes
-    second = metric_rows(tmp_path / "run")[len(first):]
-    assert [r["step"] for r in second] == [6, 7, 8, 9, 10]  # from the step-5 checkpoint, nothing lost
-    # Step 6 replayed from the restored state gives exactly the loss the interrupted run saw.
-    assert second[0]["loss"] == pytest.approx(first[-1]["loss"], rel=1e-6)
-    assert second[0]["kd"] == pytest.approx(first[-1]["kd"], rel=1e-6)
-    # TensorBoard read as TensorBoard does: the resumed run's events replace the replayed step 6.
-    from test_trackers import read_scalars
-
-    scalars = read_scalars(tmp_path / "run" / "tensorboard")
-    assert sorted(scalars["loss"]) == list(range(1, 11))
-    assert scalars["loss"][6] == pytest.approx(second[0]["loss"], rel=1e-6)
 
 
 def test_ray_trains_controller_unpickles_the_entry_without_the_model_code():

@@ -1,5 +1,7 @@
 """Faults injected into real runs on Ray Train + DeepSpeed (2 CPU workers, ZeRO-2) and real sweeps.
 
+- A worker failure mid-run: the rerun resumes from the last checkpoint without losing or repeating a step (the
+  replayed step gives the same loss; TensorBoard's events of the replayed steps are replaced).
 - Damaged checkpoints (a file cut in half, a file deleted): the run says which and resumes from the newest
   intact one, replaying the same steps; a non-finite loss stops the run at that step with the terms named and
   nothing exported; so does an exploding finite loss under ``train.divergence=stop``.
@@ -51,7 +53,23 @@ def test_damaged_checkpoints_fall_back_and_a_nonfinite_loss_stops_the_run(ray_cl
         return launcher.run(load_config(None, [f"output_dir={run}", f"cache_dir={cache_dir}", "name=r", *TINY,
                                                "train.checkpoint_every=5", *overrides]))
 
+    # 0. A worker fails at step 7 (after the step-5 checkpoint); the rerun resumes from step 5 without losing or
+    # repeating a step, and step 6 replayed from the restored state gives exactly the loss the failed run saw.
+    with pytest.raises(launcher.TrainingFailed, match="fail_at_step=7"):
+        train("train.max_steps=10", "train.fail_at_step=7")
+    failed = rows(run)
+    assert [r["step"] for r in failed] == [1, 2, 3, 4, 5, 6]
     train("train.max_steps=10")
+    resumed = rows(run)[len(failed):]
+    assert [r["step"] for r in resumed] == [6, 7, 8, 9, 10]
+    assert resumed[0]["loss"] == pytest.approx(failed[-1]["loss"], rel=1e-6)
+    assert resumed[0]["kd"] == pytest.approx(failed[-1]["kd"], rel=1e-6)
+    # TensorBoard read as TensorBoard does: the resumed run's events replace the replayed step 6.
+    from test_trackers import read_scalars
+
+    scalars = read_scalars(run / "tensorboard")
+    assert sorted(scalars["loss"]) == list(range(1, 11))
+    assert scalars["loss"][6] == pytest.approx(resumed[0]["loss"], rel=1e-6)
     first = by_step(run)
     # 1. The newest checkpoint's model file cut in half: resume from the step-5 checkpoint, steps 6-10 replayed.
     newest = newest_checkpoints(run)[0]
@@ -62,7 +80,7 @@ def test_damaged_checkpoints_fall_back_and_a_nonfinite_loss_stops_the_run(ray_cl
     out = capfd.readouterr().out
     assert f"checkpoint {newest} is damaged (state/mp_rank_00_model_states.pt has" in out, out[-3000:]
     assert "resumed from checkpoint at step 5" in out
-    second = rows(run)[len(first):]
+    second = rows(run)[len(failed) + len(resumed):]
     assert [r["step"] for r in second] == list(range(6, 13))
     assert second[4]["loss"] == pytest.approx(first[10]["loss"], rel=1e-6)  # the same step 10 again
     # 2. A file of the newest checkpoint deleted: the one before it (step 10) is used.

@@ -1,6 +1,8 @@
 """The normalisation contract end to end on real Ray Train + DeepSpeed (ZeRO-2, CPU): the same sequences as
-(1 worker, 1 micro-batch), (1 worker, 2 micro-batches) and (2 workers) give the same loss terms and the same
-student after an optimiser step, for task (MLM and next-token), kd, td and iit, and a stream's terms.
+(1 worker, 1 micro-batch) and (2 workers, 2 micro-batches each) give the same loss terms and the same student
+after an optimiser step, for task (MLM and next-token), kd, td and iit, and a stream's terms. One split covers
+both ways of cutting the step (DeepSpeed's gradient accumulation and the workers' reduction): a wrong weight in
+either moves the student differently from the reference; the DistillModule-level split is tests/test_normalisation.py.
 The student before the step is built in this process as the workers build it (seeded, random init)."""
 
 import json
@@ -17,7 +19,7 @@ from raydistill.train.plan import prepare
 
 pytestmark = pytest.mark.e2e
 
-SPLITS = {"1w-1mb": (1, 4, 1), "1w-2mb": (1, 2, 2), "2w": (2, 2, 1)}  # workers, batch per worker, micro-batches
+SPLITS = {"1w-1mb": (1, 8, 1), "2w-2mb": (2, 2, 2)}  # workers, sequences per micro-batch, micro-batches
 
 COMMON = ["data.builtin.num_documents=200", "data.block_size=24", "tokenizer.vocab_size=384",
           "student.num_layers=2", "student.init=random", "train.max_steps=1", "train.log_every=1",
