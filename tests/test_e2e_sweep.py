@@ -162,6 +162,10 @@ def test_failed_trials_are_reported_and_an_interrupted_then_killed_sweep_never_r
     assert frame.loc[-1.0, "status"] == "failed" and "objectives.kd.temperature" in frame.loc[-1.0, "error"]
     assert frame.loc[1e20, "status"] == "failed"
     assert "non-finite loss at step 1: kd=nan" in frame.loc[1e20, "error"], frame.loc[1e20, "error"]
+    # Each failure is one line on the terminal, not Tune's traceback of the trial's task.
+    assert re.search(r"\[raydistill\] trial \S+ failed: .*objectives\.kd\.temperature", out), out[-3000:]
+    assert re.search(r"\[raydistill\] trial \S+ failed: .*non-finite loss at step 1: kd=nan", out), out[-3000:]
+    assert "Trial task failed" not in out and "Traceback" not in out, out[-3000:]
     for value in (2.0, 1.0):  # never run twice: one start each, the resumes only restored them
         assert starts(directory / f"trial_{frame.loc[value, 'trial']}") == 1
     assert frame["bench/builtin-ppl/perplexity"].notna().sum() == 2

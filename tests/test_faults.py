@@ -520,3 +520,34 @@ def test_an_agreed_failure_ends_the_workers_cleanly_with_a_note_for_the_driver(t
     worker._run = fail
     worker.run()  # returns: Ray Train neither retries nor prints a traceback
     assert read_failure(tmp_path, "a7") == "non-finite loss at step 4: loss=nan"
+
+
+def test_a_trial_failure_raydistill_explains_loses_tunes_traceback_and_no_other_does():
+    """Tune logs each failed trial with its task's traceback. For a raydistill error (raised on the trial driver,
+    it reaches Tune as Ray's RayTaskError subclass of it) the one-line reason printed by the sweep replaces it;
+    an unexpected error keeps its traceback."""
+    import logging
+
+    import ray.exceptions
+
+    from raydistill.errors import ConfigError
+    from raydistill.sweep.runner import _ExplainedTrialFailures
+    from raydistill.train.launcher import TrainingFailed
+
+    def record(error: BaseException, msg: str = "Trial task failed for trial trial_1") -> logging.LogRecord:
+        return logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, __file__, 1, msg, None,
+                                 (type(error), error, None))
+
+    def from_task(error: BaseException) -> BaseException:
+        try:
+            raise error
+        except type(error) as e:
+            return ray.exceptions.RayTaskError("trial_driver", "traceback text", e).as_instanceof_cause()
+
+    explained = from_task(ConfigError("objectives.kd.temperature: Input should be greater than 0 (got -1.0)"))
+    assert isinstance(explained, ray.exceptions.RayTaskError) and isinstance(explained, ConfigError)
+    keep = _ExplainedTrialFailures().filter
+    assert not keep(record(explained))
+    assert not keep(record(from_task(TrainingFailed("non-finite loss at step 1: kd=nan"))))
+    assert keep(record(from_task(ValueError("a bug"))))
+    assert keep(record(explained, "Trial trial_1 errored after 3 iterations"))

@@ -85,6 +85,18 @@ class _QuietTuneInterrupt(logging.Filter):
         return not ("Tuner.restore(" in msg or "Stop signal received" in msg or "Trials did not complete" in msg)
 
 
+class _ExplainedTrialFailures(logging.Filter):
+    """Tune logs every failed trial with the traceback of its Ray task. A raydistill error (a value the config
+    refuses, a non-finite loss, a worker's stated failure) is one message, which SweepMonitor prints in one line
+    and the results table keeps: its traceback is dropped. Any other exception keeps Tune's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from raydistill.errors import RaydistillError
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Trial task failed") and isinstance(error, RaydistillError))
+
+
 class SweepMonitor(_TuneCallback):
     """Keeps the results table current and shows the table of trials (status, phase, step, main metric): in
     place in a terminal (the display redraws it with each trial's phase from the progress board), else
@@ -193,6 +205,7 @@ class SweepMonitor(_TuneCallback):
         self._update(trials, force_print=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[raydistill] trial {trial.trial_id} failed: {R.trial_row(self.sweep, trial)['error']}", flush=True)
         self._update(trials, force_print=True)
 
     def on_experiment_end(self, trials, **info):
@@ -437,13 +450,15 @@ def _run_sweep(sweep: Sweep, resume_path: str | None, display: Display) -> dict[
                                       callbacks=[SweepMonitor(sweep, directory), *tracker_callbacks(sweep)]))
     # The teacher's own scores (teacher/bench.json), as a Ray task beside the trials: collected after them.
     teacher_ref = teacher_bench.start(sweep, base_cfg, plan, resume=resume_path is not None)
-    quiet = _QuietTuneInterrupt()
-    tune_logger = logging.getLogger("ray.tune.tune")
-    tune_logger.addFilter(quiet)
+    filters = [(logging.getLogger("ray.tune.tune"), _QuietTuneInterrupt()),
+               (logging.getLogger("ray.tune.execution.tune_controller"), _ExplainedTrialFailures())]
+    for logger, quiet in filters:
+        logger.addFilter(quiet)
     try:
         grid = tuner.fit()
     finally:
-        tune_logger.removeFilter(quiet)
+        for logger, quiet in filters:
+            logger.removeFilter(quiet)
         if INTERRUPT.marker is not None and INTERRUPT.marker.exists():
             INTERRUPT.marker.unlink()
     if INTERRUPT.event.is_set():
