@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, RaydistillError
 from raydistill.fsutil import write_text_atomic
 from raydistill.monitoring import board as phases
 from raydistill.monitoring.board import Monitor
@@ -91,8 +91,6 @@ class _ExplainedTrialFailures(logging.Filter):
     and the results table keeps: its traceback is dropped. Any other exception keeps Tune's traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from raydistill.errors import RaydistillError
-
         error = record.exc_info[1] if record.exc_info else None
         return not (record.getMessage().startswith("Trial task failed") and isinstance(error, RaydistillError))
 

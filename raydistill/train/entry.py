@@ -15,7 +15,4 @@ def train_loop_per_worker(config: dict) -> None:
 
     from raydistill.train.worker import Worker
 
-    plan = config["plan"]
-    if isinstance(plan, ray.ObjectRef):
-        plan = ray.get(plan)
-    Worker(plan, attempt=config.get("attempt"), monitor=config.get("monitor")).run()
+    Worker(ray.get(config["plan"]), attempt=config.get("attempt"), monitor=config.get("monitor")).run()
