@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raydistill.bench.throughput import (BareLoop, EngineLoop, _side, bench_config, bench_throughput, interleaved,
-                                         one_process_group, paired_ratio, round_ratios)
+                                         median_interval, one_process_group, paired_ratio, round_ratios)
 from raydistill.errors import ConfigError
 from raydistill.data.blocks import BatchSampler, Blocks, TokenInfo
 from raydistill.monitoring.metrics import (PEAK_FLOPS, counted_flops, flops_per_token, measured_gemm_flops, mfu,
@@ -162,6 +162,16 @@ def test_each_round_compares_its_framework_run_with_the_bare_runs_on_either_side
     bare = [[1.0, 1.0, 1.0], [1.1, 1.1, 1.1], [1.2, 1.2, 1.3]]
     framework = [[1.10, 1.05, 2.00], [1.20, 1.15, 1.18]]
     assert round_ratios(bare, framework) == pytest.approx([1.10 / 1.05, 1.18 / 1.15])
+
+
+def test_the_ratio_interval_holds_the_median_and_narrows_with_more_pairs():
+    rng = np.random.default_rng(0)
+    few, many = list(1.03 + 0.06 * rng.standard_normal(8)), list(1.03 + 0.06 * rng.standard_normal(200))
+    for values in (few, many):
+        low, high = median_interval(values)
+        assert low <= float(np.median(values)) <= high
+    assert np.subtract(*median_interval(many)[::-1]) < np.subtract(*median_interval(few)[::-1]) / 2
+    assert median_interval(few[:4]) is None  # too few pairs to say
 
 
 def test_interleaved_windows_take_turns_on_the_same_batches_and_drop_the_warm_up():

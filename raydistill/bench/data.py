@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from raydistill.bench.sampling import Sampler
+from raydistill.bench.timeslice import TRAIN_WORKER_TITLE
 
 WARMUP = 5  # steps, and the logging window of the step rows
 PARTS = ("build", "two_node", "step")
@@ -117,7 +118,7 @@ class RssSampler(Sampler):
                 rss = p.info["memory_info"].rss
             except (psutil.Error, TypeError, AttributeError):
                 continue
-            for role, marker in (("train_worker", "RayTrainWorker"), ("data_worker", "MapBatches")):
+            for role, marker in (("train_worker", TRAIN_WORKER_TITLE), ("data_worker", "MapBatches")):
                 if marker in title:
                     self.peaks[role] = max(self.peaks.get(role, 0), rss)
 

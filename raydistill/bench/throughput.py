@@ -5,8 +5,9 @@ on whatever device is present.
 All sides run raydistill's own ``DistillModule``, models, objectives and batches at the same batch, sequence
 length and precision. The bare loop is what the step costs without the framework: the batch built and moved,
 forward (bf16 autocast where asked), backward, gradient clipping, AdamW (fused on CUDA), nothing else. The
-DeepSpeed side takes turns with it window by window; each framework run has a bare run before and after it
-(B F B ...), so a machine whose speed drifts moves both alike. Times are medians of ``window``-step windows
+DeepSpeed side takes turns with it window by window. Each framework run (``raydistill train`` in a subprocess)
+is time-sliced with it on CPU (``raydistill.bench.timeslice``: the run frozen while a bare window runs) and
+has a bare run before and after it on a GPU (B F B ...), so a machine whose speed drifts moves both alike. Times are medians of ``window``-step windows
 after a warm-up window (the framework's are its ``metrics.jsonl`` rows, logged every ``window`` steps).
 
 FLOPs per token are counted on one bare step with ``torch.utils.flop_counter`` (matrix multiplies and
@@ -17,18 +18,19 @@ measured GEMM on CPU)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from raydistill.config import load_config
+from raydistill.bench.timeslice import SlicedRun
+from raydistill.config import dump_config, load_config
 from raydistill.data.blocks import BatchSampler
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models.loading import build_model, init_from_teacher, prepare_student, teacher_dtype
 from raydistill.monitoring.metrics import counted_flops, flops_per_token, mfu, peak_flops, peak_memory_bytes
 from raydistill.objectives import build_objectives
@@ -58,7 +60,8 @@ TARGET = 1.05
 OWN_KEYS = {"teacher.name": "--teacher", "student.num_layers": "--student-layers", "train.batch_size": "--batch-size",
             "data.block_size": "--block-size", "train.precision": "--precision", "deepspeed.zero_stage": "--zero-stage",
             "train.max_steps": "--steps", "train.log_every": None, "output_dir": None, "cache_dir": None,
-            "scaling.num_workers": None, "scaling.use_gpu": None}
+            "scaling.num_workers": None, "scaling.use_gpu": None,
+            "ray.address": None}  # the framework run starts a local cluster of its own, frozen while bare windows run
 
 
 def bench_config(out: str, cache: str, *, teacher: str, teacher_overrides: dict, student_layers: int, batch_size: int,
@@ -188,7 +191,13 @@ def one_process_group(device: torch.device):
             try:
                 yield
             finally:
-                dist.destroy_process_group()
+                comm = sys.modules.get("deepspeed.comm.comm")
+                if comm is not None and comm.cdb is not None:
+                    # DeepSpeed's, which also drops the groups it cached (its clone of the world group): a later
+                    # engine in this process would otherwise look them up in the destroyed group's place.
+                    comm.destroy_process_group()
+                else:
+                    dist.destroy_process_group()
     finally:
         for k, v in saved.items():
             if v is None:
@@ -214,24 +223,54 @@ def paired_ratio(numerator: list[tuple[float, int]], denominator: list[tuple[flo
     return statistics.median(a / b for (a, _), (b, _) in zip(numerator, denominator))
 
 
-def _framework(cfg, window: int) -> tuple[list[tuple[float, int]], int | None]:
-    import ray
+Windows = list[tuple[float, int]]  # (seconds, tokens) of each timed window
 
-    from raydistill.train.launcher import _shutdown, run
 
-    owned = not ray.is_initialized()
-    try:
-        run(cfg)
-    finally:
-        # The local cluster the run started goes down with it, as at the end of `raydistill train`: its idle
-        # processes (GCS, raylet, agents; ~100 wake-ups a second each) would otherwise share the machine with
-        # the next bare run, and slow only that side.
-        _shutdown(owned)
-    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+def _framework(cfg, window: int, bare: BareLoop | None = None) -> tuple[Windows, tuple[Windows, Windows], int | None]:
+    """One framework run: ``raydistill train`` on ``cfg`` in a subprocess, with its own local Ray cluster (shut
+    down when it exits, as the command does: Ray's idle daemons must not share the machine with later bare
+    runs). With ``bare`` (CPU) the run is time-sliced (``raydistill.bench.timeslice``): after each of its rows
+    but the last, the whole run is frozen while ``bare`` runs the next window's batches alone, and the frozen
+    time is taken out of the framework's window. Returns the framework's timed windows, the sliced pairs (the
+    framework's windows, and the bare windows run inside them) and the worker's peak memory."""
+    out = Path(cfg.output_dir)
+    config = out.with_suffix(".yaml")
+    config.write_text(dump_config(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a local cluster of its own
+    last = cfg.train.max_steps
+    run = SlicedRun([sys.executable, "-m", "raydistill.cli", "train", str(config)], out / "metrics.jsonl",
+                    out.with_suffix(".log"), reference=(lambda row: bare.window(row["step"] + 1, window))
+                    if bare is not None else None, slice_after=lambda row: row["step"] < last, env=env,
+                    name="the framework run (raydistill train)")
+    rows = run.run()
     # Rows every `window` steps, each the mean of the steps since the one before; the first holds the warm-up.
-    timed = [r for r in rows if r["step"] > window]
-    return ([(r["step_time_s"] * window, r["tokens_per_s"] * r["step_time_s"] * window) for r in timed],
-            max((r.get("peak_memory_bytes") or 0 for r in rows), default=None))
+    frozen = {s.after_step + window: s for s in run.slices}
+    windows, paired, bare_windows = [], [], []
+    for r in rows:
+        if r["step"] <= window:
+            continue
+        cut = frozen.get(r["step"])
+        windows.append((r["step_time_s"] * window - (cut.frozen_s if cut else 0.0),
+                        r["tokens_per_s"] * r["step_time_s"] * window))
+        if cut:
+            paired.append(windows[-1])
+            bare_windows.append(cut.result)
+    if bare is not None and not paired:
+        raise RaydistillError(f"bench: no window of the framework run could be paired with a bare one ({len(rows)} "
+                              f"rows); allowed: --steps of at least 2 windows ({2 * window})")
+    return windows, (paired, bare_windows), max((r.get("peak_memory_bytes") or 0 for r in rows), default=None)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A bootstrap interval of the median of ``values`` (scipy's percentile bootstrap, fixed seed): how far the
+    ratio could move on this machine's noise. None for fewer than 5 values."""
+    if len(values) < 5:
+        return None
+    from scipy.stats import bootstrap
+
+    ci = bootstrap((values,), statistics.median, vectorized=False, confidence_level=confidence, n_resamples=2000,
+                   method="percentile", random_state=0).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def round_ratios(bare_runs: list[list[float]], framework_runs: list[list[float]]) -> list[float]:
@@ -255,8 +294,10 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                      precision: str | None = None, objectives: tuple[str, ...] = ("task", "kd"), zero_stage: int = 2,
                      steps: int | None = None, window: int = 5, framework: bool = True, rounds: int = 1,
                      overrides: tuple[str, ...] = ()) -> dict:
-    """``rounds`` framework runs, each between two bare runs (B F B F B ...); the ratio is the median of the
-    rounds' ratios (``round_ratios``), the sides' columns medians over all their windows."""
+    """A bare run, DeepSpeed's windows in turns with the bare loop's, then ``rounds`` framework runs: on CPU
+    each time-sliced with the bare loop (its round ratio: the median of its pairs' ratios), on a GPU each
+    between two bare runs (B F B F B ..., ``round_ratios``). The ratio is the median of the rounds' ratios,
+    the sides' columns medians over all their windows."""
     if rounds < 1:
         raise ConfigError(f"rounds: {rounds!r} is not a number of rounds; allowed: an integer >= 1")
     for item in overrides:
@@ -296,27 +337,42 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                 deepspeed_ratio = paired_ratio(engine_windows, bare_windows)
                 bare_runs[0] += bare_windows
                 del engine
-        del bare  # the framework's worker gets the device to itself
-        fw_runs, fw_memory = [], None
-        for run_cfg in configs if framework else []:
-            fw_windows, memory = _framework(run_cfg, window)
+        # On CPU each framework run is time-sliced with the bare loop; on a GPU (where a frozen run's queued
+        # kernels keep running) it runs between two bare runs, the bare loop freed so the worker has the device.
+        sliced = not use_gpu
+        if not sliced:
+            del bare
+        fw_runs, fw_memory, ratios, pair_ratios = [], None, [], []
+        for r, run_cfg in enumerate(configs if framework else []):
+            print(f"[raydistill] bench: framework run {r + 1}/{len(configs)} (Ray Train + DeepSpeed, 1 worker"
+                  + (", time-sliced with the bare loop)" if sliced else ")"), file=sys.stderr, flush=True)
+            fw_windows, pairs, memory = _framework(run_cfg, window, bare if sliced else None)
             fw_runs.append(fw_windows)
             fw_memory = max(fw_memory or 0, memory or 0) or None
-            again = BareLoop(cfg, device)
-            bare_runs.append(again.windows(setup["steps"], window))
-            del again
+            if sliced:
+                bare_runs.append(pairs[1])
+                ratios.append(paired_ratio(*pairs))
+                pair_ratios += [f / b for (f, _), (b, _) in zip(*pairs)]
+            else:
+                again = BareLoop(cfg, device)
+                bare_runs.append(again.windows(setup["steps"], window))
+                del again
+        if fw_runs and not sliced:
+            ratios = round_ratios([[s for s, _ in run] for run in bare_runs],
+                                  [[s for s, _ in run] for run in fw_runs])
     rows = {"bare": _side([w for run in bare_runs for w in run], window, counted, peak, bare_memory)}
-    ratios = None
     if engine_windows:  # its memory is not its own: it shares this process (and device) with the bare loop
         rows["deepspeed"] = _side(engine_windows, window, counted, peak, None)
     if fw_runs:
         rows["framework"] = _side([w for run in fw_runs for w in run], window, counted, peak, fw_memory)
-        ratios = round_ratios([[s for s, _ in run] for run in bare_runs], [[s for s, _ in run] for run in fw_runs])
     name = torch.cuda.get_device_name(device) if use_gpu else f"CPU ({torch.get_num_threads()} threads)"
     result = {"preset": preset, "device": name, **setup, "rounds": rounds, "overrides": list(overrides),
               "flops_per_token": counted, "flops_per_token_estimate": estimate, "peak_flops": peak,
               "peak_flops_source": peak_source, "bare": rows["bare"], "deepspeed": rows.get("deepspeed"),
-              "framework": rows.get("framework"), "ratio": statistics.median(ratios) if ratios else None,
+              "framework": rows.get("framework"),
+              # sliced (CPU): the median over every pair of every round; else the median of the rounds' ratios
+              "ratio": statistics.median(pair_ratios or ratios) if ratios else None,
+              "ratio_interval": median_interval(pair_ratios), "pairs": len(pair_ratios) or None,
               "round_ratios": ratios, "deepspeed_ratio": deepspeed_ratio, "target": TARGET}
     result["table"] = _table(result)
     return result
@@ -341,9 +397,15 @@ def _table(r: dict) -> str:
                          f"{side['flops_per_s'] / 1e12:>10.3f}{(side['mfu'] or 0) * 100:>7.1f}%"
                          + (f"{mem / 2**20:>15.0f}" if mem else f"{'-':>15}"))
     if r["ratio"] is not None:
+        rounds = ", ".join(f"{x:.3f}" for x in r["round_ratios"])
+        if r["pairs"]:
+            how = f"median of {r['pairs']} window pairs" + (f"; rounds {rounds}" if len(r["round_ratios"]) > 1 else "")
+            if r["ratio_interval"]:
+                how += "; 95% interval {:.3f}-{:.3f}".format(*r["ratio_interval"])
+        else:
+            how = f"median of the rounds' {rounds}" if len(r["round_ratios"]) > 1 else ""
         lines.append(f"ratio (framework / bare step time): {r['ratio']:.3f}   target <= {r['target']:.2f}"
-                     + (f"   (median of the rounds' {', '.join(f'{x:.3f}' for x in r['round_ratios'])})"
-                        if len(r["round_ratios"]) > 1 else ""))
+                     + (f"   ({how})" if how else ""))
     if r["deepspeed_ratio"] is not None:
         lines.append(f"of which DeepSpeed's engine (in this process, windows interleaved with the bare loop's): "
                      f"{r['deepspeed_ratio']:.3f}")
