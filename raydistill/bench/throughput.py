@@ -5,10 +5,11 @@ on whatever device is present.
 All sides run raydistill's own ``DistillModule``, models, objectives and batches at the same batch, sequence
 length and precision. The bare loop is what the step costs without the framework: the batch built and moved,
 forward (bf16 autocast where asked), backward, gradient clipping, AdamW (fused on CUDA), nothing else. The
-DeepSpeed side takes turns with it window by window. Each framework run (``raydistill train`` in a subprocess)
-is time-sliced with it on CPU (``raydistill.bench.timeslice``: the run frozen while a bare window runs) and
-has a bare run before and after it on a GPU (B F B ...), so a machine whose speed drifts moves both alike. Times are medians of ``window``-step windows
-after a warm-up window (the framework's are its ``metrics.jsonl`` rows, logged every ``window`` steps).
+DeepSpeed side takes turns with it window by window. Each framework run (``raydistill train`` in a
+subprocess) is time-sliced with it on CPU (``raydistill.bench.timeslice``: the run frozen while a bare window
+runs) and has a bare run before and after it on a GPU (B F B ...), so a machine whose speed drifts moves both
+alike. Times are medians of ``window``-step windows after a warm-up window (the framework's are its
+``metrics.jsonl`` rows, logged every ``window`` steps).
 
 FLOPs per token are counted on one bare step with ``torch.utils.flop_counter`` (matrix multiplies and
 attention of the student's forward and backward and the teacher's forward); achieved FLOP/s is that times
@@ -296,8 +297,8 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                      overrides: tuple[str, ...] = ()) -> dict:
     """A bare run, DeepSpeed's windows in turns with the bare loop's, then ``rounds`` framework runs: on CPU
     each time-sliced with the bare loop (its round ratio: the median of its pairs' ratios), on a GPU each
-    between two bare runs (B F B F B ..., ``round_ratios``). The ratio is the median of the rounds' ratios,
-    the sides' columns medians over all their windows."""
+    between two bare runs (B F B F B ..., ``round_ratios``). The ratio is the median over all pairs on CPU, of
+    the rounds' ratios on a GPU; the sides' columns are medians over all their windows."""
     if rounds < 1:
         raise ConfigError(f"rounds: {rounds!r} is not a number of rounds; allowed: an integer >= 1")
     for item in overrides:
@@ -373,7 +374,7 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
               # sliced (CPU): the median over every pair of every round; else the median of the rounds' ratios
               "ratio": statistics.median(pair_ratios or ratios) if ratios else None,
               "ratio_interval": median_interval(pair_ratios), "pairs": len(pair_ratios) or None,
-              "round_ratios": ratios, "deepspeed_ratio": deepspeed_ratio, "target": TARGET}
+              "round_ratios": ratios or None, "deepspeed_ratio": deepspeed_ratio, "target": TARGET}
     result["table"] = _table(result)
     return result
 
