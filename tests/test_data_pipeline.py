@@ -344,7 +344,7 @@ def test_bench_samplers_see_ray_workers_by_their_process_title_and_the_cpu_load(
 
     # A process whose command line carries Ray Train's worker title, as `ps` shows a RayTrainWorker actor.
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(3)",
-                              "RayTrainWorker"])
+                              "ray::RayTrainWorker"])
     try:
         with CpuSampler() as cpu, RssSampler(every_s=0.1) as rss:
             time.sleep(2.2)
