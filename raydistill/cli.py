@@ -215,9 +215,9 @@ def bench_throughput(as_json: bool = typer.Option(False, "--json", help="print o
                      precision: Optional[str] = typer.Option(None, help="fp32 or bf16"),
                      objectives: str = typer.Option("task,kd", help="comma-separated objectives, each at weight 1"),
                      zero_stage: int = typer.Option(2), steps: Optional[int] = typer.Option(None, help="timed steps"),
-                     rounds: int = typer.Option(1, help="framework runs (on CPU each time-sliced with the bare "
-                                                "loop, on a GPU each between two bare runs); the ratio is the "
-                                                "median of the rounds'"),
+                     rounds: int = typer.Option(1, help="framework runs: on CPU each time-sliced with the bare "
+                                                "loop (the ratio: the median over all window pairs), on a GPU each "
+                                                "between two bare runs (the ratio: the median of the rounds')"),
                      set_: Optional[List[str]] = typer.Option(None, "--set", help="a config override for both sides, "
                                                               "as `train` takes it (repeatable), e.g. "
                                                               "deepspeed.extra.zero_optimization.overlap_comm=true"),

@@ -11,8 +11,8 @@ run's next window, which the worker times with a monotonic clock, so ``frozen_s`
 that window and the reference window inside it ran within seconds of each other on the same machine.
 
 The training worker is stopped first and resumed last, and ``frozen_s`` is timed around those two signals,
-so it is the worker's own frozen time. No library does this (psutil gives the process tree and the signals;
-the pairing of windows is the benchmark's).
+so it is the worker's own frozen time. Hand-written because no benchmarking library pairs windows across
+processes this way; psutil gives the process tree.
 
 Only CPU runs are sliced: a stopped process's queued CUDA kernels keep running on the GPU, so a reference
 window started then would share the device."""
