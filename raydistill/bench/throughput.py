@@ -343,6 +343,7 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
         sliced = not use_gpu
         if not sliced:
             del bare
+            torch.cuda.empty_cache()  # the cached blocks too: the worker is another process
         fw_runs, fw_memory, ratios, pair_ratios = [], None, [], []
         for r, run_cfg in enumerate(configs if framework else []):
             print(f"[raydistill] bench: framework run {r + 1}/{len(configs)} (Ray Train + DeepSpeed, 1 worker"
@@ -358,6 +359,7 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                 again = BareLoop(cfg, device)
                 bare_runs.append(again.windows(setup["steps"], window))
                 del again
+                torch.cuda.empty_cache()
         if fw_runs and not sliced:
             ratios = round_ratios([[s for s, _ in run] for run in bare_runs],
                                   [[s for s, _ in run] for run in fw_runs])
