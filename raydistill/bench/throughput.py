@@ -219,12 +219,17 @@ def interleaved(loops: list[BareLoop], steps: int, window: int) -> list[list[tup
     return out
 
 
-def paired_ratio(numerator: list[tuple[float, int]], denominator: list[tuple[float, int]]) -> float:
-    """The median over window pairs (run back to back) of their time ratio."""
-    return statistics.median(a / b for (a, _), (b, _) in zip(numerator, denominator))
-
-
 Windows = list[tuple[float, int]]  # (seconds, tokens) of each timed window
+
+
+def window_ratios(numerator: Windows, denominator: Windows) -> list[float]:
+    """The time ratio of each window pair (run back to back)."""
+    return [a / b for (a, _), (b, _) in zip(numerator, denominator)]
+
+
+def paired_ratio(numerator: Windows, denominator: Windows) -> float:
+    """The median over window pairs (run back to back) of their time ratio."""
+    return statistics.median(window_ratios(numerator, denominator))
 
 
 def _framework(cfg, window: int, bare: BareLoop | None = None) -> tuple[Windows, tuple[Windows, Windows], int | None]:
@@ -353,8 +358,9 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
             fw_memory = max(fw_memory or 0, memory or 0) or None
             if sliced:
                 bare_runs.append(pairs[1])
-                ratios.append(paired_ratio(*pairs))
-                pair_ratios += [f / b for (f, _), (b, _) in zip(*pairs)]
+                round_pairs = window_ratios(*pairs)
+                ratios.append(statistics.median(round_pairs))
+                pair_ratios += round_pairs
             else:
                 again = BareLoop(cfg, device)
                 bare_runs.append(again.windows(setup["steps"], window))
