@@ -147,3 +147,21 @@ def test_yaml_numbers_as_users_write_them(tmp_path):
     dumped = tmp_path / "d.yaml"
     dumped.write_text(dump_config(cfg))
     assert load_config(dumped) == cfg
+
+
+def test_deepspeed_is_imported_without_mlflow_which_imports_normally_afterwards():
+    # DeepSpeed's autotuner imports MLflow (and pandas) when DeepSpeed is imported: ~1.7 s of each worker's start.
+    code = """
+import sys
+from raydistill.train.ds_config import import_deepspeed
+deepspeed = import_deepspeed()
+assert deepspeed.__name__ == "deepspeed" and callable(deepspeed.initialize)
+assert "mlflow" not in sys.modules and "pandas" not in sys.modules, sorted(m for m in sys.modules if "mlflow" in m)
+import deepspeed.autotuning.autotuner as tuner
+assert tuner.has_mlflow is False
+import mlflow
+assert callable(mlflow.log_metric)
+assert import_deepspeed() is deepspeed
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

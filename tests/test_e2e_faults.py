@@ -144,6 +144,9 @@ def test_sigint_stops_train_workers_at_once_and_exits_130(tmp_path, cache_dir):
     last = out.strip().splitlines()[-1]  # the message comes last (Ray is shut down before it is printed)
     assert last.startswith("interrupted after step") and "Rerun the same command" in last, out[-3000:]
     assert "latest checkpoint (step" in last
+    # Without a dashboard there is no state API: Ray Train's placement-group cleaner, which asks it every second,
+    # is left out instead of logging a failed query each time.
+    assert "Failed to query Ray Train Controller actor state" not in out, out[-3000:]
     # The workers stopped at once: the last row was written within a few steps' time of the signal (steps take
     # ~0.1 s here, so a row count would be a race), and nothing is written after the command has exited.
     at_exit, written = len(rows(run)), (run / "metrics.jsonl").stat().st_mtime

@@ -35,7 +35,7 @@ from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models.loading import build_model, init_from_teacher, prepare_student, teacher_dtype
 from raydistill.monitoring.metrics import counted_flops, flops_per_token, mfu, peak_flops, peak_memory_bytes
 from raydistill.objectives import build_objectives
-from raydistill.train.ds_config import deepspeed_config
+from raydistill.train.ds_config import deepspeed_config, import_deepspeed
 from raydistill.train.host_memory import keep_freed_host_memory
 from raydistill.train.plan import prepare
 from raydistill.train.step import DistillModule
@@ -157,8 +157,7 @@ class EngineLoop(BareLoop):
 
     def __init__(self, cfg, device: torch.device):
         super().__init__(cfg, device)
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.engine = deepspeed.initialize(model=self.module, optimizer=self.optimizer,
                                            config=deepspeed_config(cfg, 1), dist_init_required=False)[0]
 

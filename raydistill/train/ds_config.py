@@ -1,7 +1,8 @@
-"""The DeepSpeed config a run uses, generated from the experiment config."""
+"""DeepSpeed for a run: its config, generated from the experiment config, and its import."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from raydistill.config import ExperimentConfig
@@ -55,3 +56,20 @@ def teacher_deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 10**9,
     }
+
+
+def import_deepspeed():
+    """``import deepspeed`` without the MLflow import DeepSpeed's autotuner does when DeepSpeed is imported: MLflow
+    and pandas are ~1.7 s of every train worker's start-up on a 2-core machine, for autotuning runs, which
+    raydistill never starts. Only that import is skipped: ``import mlflow`` afterwards works as usual (the sweep's
+    MLflow callback on the driver, a user's own code)."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # a None entry makes `import mlflow` fail
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+                del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed

@@ -35,12 +35,18 @@ class TrainingFailed(RunFailure):
     """Training did not complete (exit status 1); the message says why and what to do."""
 
 
+def has_dashboard(cfg: ExperimentConfig) -> bool:
+    """Whether the cluster may serve Ray's dashboard and state API: not a local cluster started with
+    ``ray.dashboard=false`` (a cluster raydistill joins is assumed to)."""
+    return joined_existing_cluster(cfg) or cfg.ray.dashboard
+
+
 def state_tracking(cfg: ExperimentConfig) -> str:
-    """The user's choice if they made one, else Ray Train's run view only where a dashboard can show it: on a
-    local cluster started with ``ray.dashboard=false`` its state actor would only log failed connections."""
+    """The user's choice if they made one, else Ray Train's run view only where a dashboard can show it: without
+    one its state actor would only log failed connections."""
     if _USER_STATE_TRACKING is not None:
         return _USER_STATE_TRACKING
-    return "0" if not joined_existing_cluster(cfg) and not cfg.ray.dashboard else "1"
+    return "1" if has_dashboard(cfg) else "0"
 
 
 def preemption_watcher(cfg: ExperimentConfig) -> str:
@@ -186,9 +192,19 @@ def _trainer_class():
 
         class Trainer(TorchTrainer):
             controller = None
+            placement_group_cleaner = True
 
             def _register_sigint_handler(self, controller):  # noqa: D401 - Ray Train hook, called in fit()
                 self.controller = controller
+
+            def _create_default_callbacks(self):  # Ray Train hook, called in fit()
+                # Ray Train's placement-group cleaner is an actor per run that asks the state API every second
+                # whether the controller is alive. The dashboard serves that API: without one each question fails,
+                # so the cleaner can never act and logs a warning every second. It is left out there.
+                callbacks = super()._create_default_callbacks()
+                if self.placement_group_cleaner:
+                    return callbacks
+                return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
 
         _TRAINER_CLASS = Trainer
     return _TRAINER_CLASS
@@ -274,6 +290,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # Two at least: a damaged newest checkpoint leaves an intact one to resume from.
                              checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints))))
+    trainer.placement_group_cleaner = has_dashboard(cfg)
     start = time.perf_counter()
     try:
         result = trainer.fit()

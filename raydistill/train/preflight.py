@@ -164,7 +164,7 @@ def check_deepspeed(cfg: ExperimentConfig) -> None:
     extra = cfg.deepspeed.extra
     if not extra:
         return
-    from raydistill.train.ds_config import deepspeed_config
+    from raydistill.train.ds_config import deepspeed_config, import_deepspeed
 
     world = cfg.scaling.num_workers
     merged = deepspeed_config(cfg, world)
@@ -174,6 +174,7 @@ def check_deepspeed(cfg: ExperimentConfig) -> None:
     try:
         from pydantic import ValidationError
 
+        import_deepspeed()
         from deepspeed.runtime.config import DeepSpeedConfig
     except Exception:  # noqa: BLE001 - DeepSpeed not importable here: the workers will say why
         return

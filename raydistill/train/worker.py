@@ -39,7 +39,7 @@ from raydistill.monitoring.board import Monitor
 from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token, peak_memory_bytes
 from raydistill.objectives import build_objectives
 from raydistill.train import checkpoints
-from raydistill.train.ds_config import deepspeed_config, teacher_deepspeed_config
+from raydistill.train.ds_config import deepspeed_config, import_deepspeed, teacher_deepspeed_config
 from raydistill.train.faults import (DivergenceWatch, NonFiniteGuard, NonFiniteLoss, RunFailure, nonfinite,
                                      write_failure)
 from raydistill.train.host_memory import keep_freed_host_memory
@@ -99,7 +99,7 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank
