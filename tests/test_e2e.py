@@ -36,7 +36,15 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
                  "teacher.pretrain={max_steps: 40, lr: 3.0e-3, batch_size: 8}",
                  "student.num_layers=2", "student.init=random", "train.max_steps=24", "train.log_every=4",
                  "objectives.task.weight=0.5", "objectives.kd.weight=1.0", "objectives.cosine.weight=0.5")
+    import ray
+
+    before = set(ray._private.state.actors())
     summary = launcher.run(cfg)
+    # The actors this run (and its teacher's pretraining, when not cached) started: Ray Train's, without the two
+    # with nothing to do here, a dataset manager (no Ray Datasets) and a placement-group cleaner (no dashboard).
+    started = {a["ActorClassName"].rsplit(".", 1)[-1] for i, a in ray._private.state.actors().items() if i not in before}
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     rows = metric_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
     assert rows[-1]["kd"] < 0.8 * rows[0]["kd"], [r["kd"] for r in rows]

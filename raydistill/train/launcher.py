@@ -198,13 +198,17 @@ def _trainer_class():
                 self.controller = controller
 
             def _create_default_callbacks(self):  # Ray Train hook, called in fit()
-                # Ray Train's placement-group cleaner is an actor per run that asks the state API every second
-                # whether the controller is alive. The dashboard serves that API: without one each question fails,
-                # so the cleaner can never act and logs a warning every second. It is left out there.
-                callbacks = super()._create_default_callbacks()
-                if self.placement_group_cleaner:
-                    return callbacks
-                return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+                # Two of Ray Train's callbacks start an actor per run (a process importing Ray Train and Ray Data,
+                # ~1.5 s of a core, then waking ~100 times a second beside the workers) that has nothing to do:
+                # - the datasets callback's dataset manager, started even when the trainer has no Ray Datasets
+                #   (raydistill ships its packed corpus through the object store);
+                # - the placement-group cleaner, which asks the state API every second whether the controller is
+                #   alive. The dashboard serves that API: without one each question fails, so the cleaner can
+                #   never act, and it logs a warning every second.
+                unused = set() if self.datasets else {"DatasetsCallback"}
+                if not self.placement_group_cleaner:
+                    unused.add("PlacementGroupCleanerCallback")
+                return [c for c in super()._create_default_callbacks() if type(c).__name__ not in unused]
 
         _TRAINER_CLASS = Trainer
     return _TRAINER_CLASS
