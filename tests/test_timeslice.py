@@ -80,6 +80,19 @@ def test_the_whole_tree_is_frozen_after_each_row_and_the_frozen_time_leaves_the_
         assert not [b for b in beats if begun + 0.02 < b < ended - 0.02]
 
 
+def test_rows_are_read_whole_and_once_as_the_file_grows(tmp_path):
+    rows = tmp_path / "metrics.jsonl"
+    run = SlicedRun([sys.executable, "-c", "pass"], rows, tmp_path / "log")
+    assert run._new_rows() == []  # no file yet
+    rows.write_text('{"step": 1}\n{"st')  # the second row is still being written
+    assert run._new_rows() == [{"step": 1}]
+    assert run._new_rows() == []
+    with open(rows, "a") as f:
+        f.write('ep": 2}\n{"step": 3}\n')
+    assert run._new_rows() == [{"step": 2}, {"step": 3}]
+    assert run.rows == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
 def test_without_a_reference_the_run_is_not_frozen(tmp_path):
     run = _run(tmp_path, windows=2)
     assert [r["step"] for r in run.run()] == [2, 4] and run.slices == []

@@ -29,24 +29,26 @@ _USER_STATE_TRACKING = os.environ.get(STATE_TRACKING)  # read once: later runs i
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _USER_PREEMPTION_WATCHER = os.environ.get(PREEMPTION_WATCHER)
 ARENA_MAX = "MALLOC_ARENA_MAX"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's processes find the state API (the dashboard's)
 
 
 class TrainingFailed(RunFailure):
     """Training did not complete (exit status 1); the message says why and what to do."""
 
 
-def has_dashboard(cfg: ExperimentConfig) -> bool:
-    """Whether the cluster may serve Ray's dashboard and state API: not a local cluster started with
-    ``ray.dashboard=false`` (a cluster raydistill joins is assumed to)."""
-    return joined_existing_cluster(cfg) or cfg.ray.dashboard
+def state_api_served(cfg: ExperimentConfig) -> bool:
+    """Whether the run's cluster may serve Ray's state API (the dashboard does): not a local cluster raydistill
+    started with ``ray.dashboard=false``. A sweep starts the dashboard whatever its trials' configs say; its
+    trials know from ``RAY_API_SERVER_ADDRESS``, which raydistill then sets for the cluster's processes."""
+    return cfg.ray.dashboard or joined_existing_cluster(cfg) or API_SERVER_ENV in os.environ
 
 
 def state_tracking(cfg: ExperimentConfig) -> str:
-    """The user's choice if they made one, else Ray Train's run view only where a dashboard can show it: without
-    one its state actor would only log failed connections."""
+    """The user's choice if they made one, else Ray Train's run view only where a dashboard can show it: on a
+    local cluster started with ``ray.dashboard=false`` its state actor would only log failed connections."""
     if _USER_STATE_TRACKING is not None:
         return _USER_STATE_TRACKING
-    return "1" if has_dashboard(cfg) else "0"
+    return "0" if not joined_existing_cluster(cfg) and not cfg.ray.dashboard else "1"
 
 
 def preemption_watcher(cfg: ExperimentConfig) -> str:
@@ -113,7 +115,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
             # and a stopped trial's workers are never freed. Tell them where this cluster's dashboard is.
             port = _free_port()
             kwargs["dashboard_port"] = port
-            kwargs["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            kwargs["runtime_env"]["env_vars"][API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         # A driver killed with SIGKILL leaves its local cluster's agents running for a minute or two: stop those
         # of the sessions raydistill started (recorded in the cache directory) whose raylet and GCS are gone.
         stopped = cluster.cleanup_orphans(cluster.remembered_sessions(cfg.cache_dir))
@@ -203,8 +205,9 @@ def _trainer_class():
                 # - the datasets callback's dataset manager, started even when the trainer has no Ray Datasets
                 #   (raydistill ships its packed corpus through the object store);
                 # - the placement-group cleaner, which asks the state API every second whether the controller is
-                #   alive. The dashboard serves that API: without one each question fails, so the cleaner can
-                #   never act, and it logs a warning every second.
+                #   alive, to free the workers' placement group when it is not (a trial a scheduler stops). The
+                #   dashboard serves that API: without one each question fails, so the cleaner can never act, and
+                #   it logs a warning every second.
                 unused = set() if self.datasets else {"DatasetsCallback"}
                 if not self.placement_group_cleaner:
                     unused.add("PlacementGroupCleanerCallback")
@@ -294,7 +297,7 @@ def fit(plan: RunPlan, callbacks: list | None = None, storage_path: str | None =
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # Two at least: a damaged newest checkpoint leaves an intact one to resume from.
                              checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints))))
-    trainer.placement_group_cleaner = has_dashboard(cfg)
+    trainer.placement_group_cleaner = state_api_served(cfg)
     start = time.perf_counter()
     try:
         result = trainer.fit()
