@@ -42,7 +42,8 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
     summary = launcher.run(cfg)
     # The actors this run (and its teacher's pretraining, when not cached) started: Ray Train's, without the two
     # with nothing to do here, a dataset manager (no Ray Datasets) and a placement-group cleaner (no dashboard).
-    started = {a["ActorClassName"].rsplit(".", 1)[-1] for i, a in ray._private.state.actors().items() if i not in before}
+    started = {actor["ActorClassName"].rsplit(".", 1)[-1]
+               for i, actor in ray._private.state.actors().items() if i not in before}
     assert {"TrainController", "RayTrainWorker"} <= started, started
     assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     rows = metric_rows(tmp_path / "run")
