@@ -150,7 +150,7 @@ def test_yaml_numbers_as_users_write_them(tmp_path):
 
 
 def test_deepspeed_is_imported_without_mlflow_which_imports_normally_afterwards():
-    # DeepSpeed's autotuner imports MLflow (and pandas) when DeepSpeed is imported: ~1.7 s of each worker's start.
+    # DeepSpeed's autotuner imports MLflow (and pandas) when DeepSpeed is imported: ~1.1-1.7 s of each worker's start.
     code = """
 import sys
 from raydistill.train.ds_config import import_deepspeed
