@@ -116,6 +116,15 @@ def test_base_path_is_relative_to_the_sweep_file(tmp_path):
     ({"metric": "bench/squad/f1"}, "never reported"),  # squad is not among the eval tasks
     ({"metric": "bench/builtin-cola/accuracy", "eval": {"tasks": None}}, "never reported"),
     ({"eval": {"tasks": "nonsense"}}, "nonsense"),
+    ({"metric": "bench/builtin-qa/f1", "mode": "min"}, "mode 'min' for 'bench/builtin-qa/f1', which is better when "
+     "higher: the sweep would keep its worst trials; allowed: max"),
+    ({"metric": "val/ppl", "mode": "max"}, "allowed: min"),
+    ({"metric": "bench/builtin-qa/f1", "scheduler": {"kind": "asha", "metric": "val/loss", "mode": "max"}},
+     "scheduler.mode 'max' for 'val/loss', which is better when lower"),
+    ({"scheduler": {"kind": "median", "mode": "max"}}, "scheduler.mode 'max': the scheduler acts on the sweep's "
+     "metric 'val/loss', ranked 'min'; allowed: min"),
+    ({"metric": "kd/anything"}, "mode: not given, and 'kd/anything' does not say whether lower or higher is better"),
+    ({"metric": "bench/builtin-ppl/glue_score"}, "never reported"),
     ({"scheduler": {"kind": "asha"}}, None),  # caught by the runner (no intermediate reports): see below
     ({"search": {"algorithm": "optuna"}, "space": {"train.lr": {"grid": [1e-3]}}}, "cannot expand grid"),
     ({"num_samples": 0}, "num_samples"),
@@ -142,6 +151,38 @@ def test_metrics_of_possible_objectives_and_benchmarks_are_accepted(tmp_path):
     load(tmp_path, metric="bench/builtin-qa/f1", mode="max")
     load(tmp_path, metric="val/iia", space={"objectives.iit.weight": {"choice": [0.0, 1.0]}})
     load(tmp_path, metric="bench/glue/glue_average", mode="max", eval={"tasks": ["sst2", "cola"]})
+
+
+def test_modes_follow_their_metrics_and_a_scheduler_on_another_metric_never_borrows_the_sweeps(tmp_path):
+    from raydistill.sweep.runner import _scheduler
+
+    assert load(tmp_path).spec.mode == "min"  # val/loss
+    assert load(tmp_path, metric="val/iia", space={"objectives.iit.weight": {"choice": [0.0, 1.0]}}).spec.mode == "max"
+    assert load(tmp_path, metric="kd/anything", mode="max").spec.mode == "max"  # no direction known: as given
+    # Ranked by a benchmark score (higher is better), stopped early on the validation loss (lower is better).
+    sweep = load(tmp_path, metric="bench/builtin-qa/f1", set={"train.eval_every": 5},
+                 scheduler={"kind": "asha", "metric": "val/loss"})
+    assert (sweep.spec.mode, sweep.spec.scheduler.mode) == ("max", "min")
+    asha = _scheduler(sweep)
+    assert (asha._metric, asha._mode) == ("val/loss", "min")  # what Tune stores
+    same = _scheduler(load(tmp_path, metric="val/ppl", scheduler={"kind": "median"}, set={"train.eval_every": 5}))
+    assert (same._metric, same._mode) == ("val/ppl", "min")
+
+
+@pytest.mark.parametrize("task, reported", [("sst2", False), ("cola", False), ("mrpc", True), ("stsb", True)])
+def test_glue_score_is_a_metric_only_of_glue_tasks_with_several_metrics(tmp_path, task, reported):
+    """It is the mean of a task's metrics, written to the summary for those tasks alone."""
+    from raydistill.eval.tasks import check_metric
+
+    metric = f"bench/{task}/glue_score"
+    if reported:
+        check_metric(task, "glue_score")
+        load(tmp_path, metric=metric, eval={"tasks": [task]})
+    else:
+        with pytest.raises(ConfigError, match="no metric 'glue_score'"):
+            check_metric(task, "glue_score")
+        with pytest.raises(ConfigError, match="never reported"):
+            load(tmp_path, metric=metric, eval={"tasks": [task]})
 
 
 def test_asha_on_a_benchmark_metric_is_refused(tmp_path):

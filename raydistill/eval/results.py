@@ -77,7 +77,7 @@ def _glue_rows(model: str, groups: dict[tuple[str, str, str], dict[int, float]])
         per_task[task] = {s: sum(m[s] for m in metric_maps) / len(metric_maps) for s in seeds}
     rows = []
     for task, by_seed in per_task.items():
-        if len(TASKS[task].metrics) > 1:
+        if "glue_score" in TASKS[task].reported:
             mean, std = _mean_std(list(by_seed.values()))
             rows.append(SummaryRow(model, task, "glue_score", mean, std, len(by_seed),
                                    f"mean of {', '.join(TASKS[task].metrics)}"))

@@ -23,6 +23,12 @@ class TaskSpec:
     glue: bool = False  # counts in the GLUE average
     description: str = ""
 
+    @property
+    def reported(self) -> tuple[str, ...]:
+        """Every metric reported for this task: its own, and ``glue_score`` (the mean of them) for a GLUE
+        task with more than one."""
+        return self.metrics + (("glue_score",) if self.glue and len(self.metrics) > 1 else ())
+
 
 _GLUE = [
     TaskSpec("sst2", "classification", ("accuracy",), 2, True, "SST-2 sentiment"),
@@ -100,7 +106,7 @@ def check_metric(task: str, metric: str) -> None:
     spec = TASKS.get(canonical(task))
     if spec is None:
         raise EvalConfigError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    allowed = spec.metrics + (("glue_score",) if spec.glue else ())
+    allowed = spec.reported
     if metric not in allowed:
         raise EvalConfigError(f"task {spec.name} has no metric {metric!r}; allowed: {', '.join(allowed)}")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.report.store import SweepStore, display_location
+from raydistill.metric_direction import metric_direction
 
 # Objectives that make a trial "IIT" or "TD"; anything else with a teacher is standard distillation.
 IIT_OBJECTIVES = ("iit", "iit_cosine")
@@ -61,7 +62,9 @@ class SweepData:
 
 
 def guess_mode(metric: str) -> str:
-    return "min" if any(w in metric.lower() for w in LOWER_IS_BETTER) else "max"
+    """The direction a trial metric's name says (``raydistill.metric_direction``); for any other column, lower is
+    better when its name says loss, time or error."""
+    return metric_direction(metric) or ("min" if any(w in metric.lower() for w in LOWER_IS_BETTER) else "max")
 
 
 def objective_family(objectives: dict | None) -> str:

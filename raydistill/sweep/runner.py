@@ -294,7 +294,7 @@ def _scheduler(sweep: Sweep):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     s = sweep.spec.scheduler
-    metric, mode = s.metric or sweep.spec.metric, s.mode or sweep.spec.mode
+    metric, mode = s.metric or sweep.spec.metric, s.mode  # its mode resolved for its metric (sweep.spec)
     if s.kind == "asha":
         # stop_last_trials=False: a trial reaching max_t ends by itself, after scoring its student.
         return ASHAScheduler(time_attr="step", metric=metric, mode=mode, grace_period=s.grace_period,

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from raydistill.config import (ExperimentConfig, Strict, apply_overrides, check_run_name, load_yaml, validate_config,
                                yaml_dump)
 from raydistill.errors import ConfigError
+from raydistill.metric_direction import checked_mode
 from raydistill.sweep.space import Dimension, parse_space, set_path
 
 TRAIN_METRICS = ("loss", "lr", "tokens_per_s", "step_time_s", "step")
@@ -32,7 +33,8 @@ class SchedulerSpec(Strict):
     kind: Literal["fifo", "asha", "median"] = "fifo"
     metric: str | None = Field(None, description="metric the scheduler acts on (default: the sweep's metric); "
                                "use a validation loss when the sweep ranks by a benchmark score reported at the end")
-    mode: Literal["min", "max"] | None = None
+    mode: Literal["min", "max"] | None = Field(None, description="default: the sweep's mode when the scheduler "
+                                               "acts on the sweep's metric, else its metric's direction")
     grace_period: int = Field(1, ge=1, description="steps (time_attr units) before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA")
     max_t: int | None = Field(None, ge=1, description="ASHA: default train.max_steps of the base config")
@@ -105,7 +107,8 @@ class SweepSpec(Strict):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: str = Field("val/loss", description="what ranks trials: a reported metric, e.g. val/loss, val/ppl, "
                         "bench/builtin-cola/accuracy, bench/glue/glue_average")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] | None = Field(None, description="min or max; default: the metric's direction "
+                                               "(loss, perplexity: min; accuracy, F1, ...: max)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs "
                                               "(GPUs) allow given each trial's workers")
     max_failures: int = Field(0, ge=0, description="retries of a failed trial; failures never stop the sweep")
@@ -255,7 +258,22 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     check_metric(sweep, spec.metric, "metric")
     if spec.scheduler.metric:
         check_metric(sweep, spec.scheduler.metric, "scheduler.metric")
+    _resolve_modes(spec)
     return sweep
+
+
+def _resolve_modes(spec: SweepSpec) -> None:
+    """Every mode set to the direction its metric improves in (``raydistill.metric_direction``): a scheduler
+    on another metric than the sweep's never borrows the sweep's mode."""
+    spec.mode = checked_mode(spec.metric, spec.mode, "mode")
+    s = spec.scheduler
+    if s.metric and s.metric != spec.metric:
+        s.mode = checked_mode(s.metric, s.mode, "scheduler.mode")
+    elif s.mode not in (None, spec.mode):
+        raise ConfigError(f"scheduler.mode {s.mode!r}: the scheduler acts on the sweep's metric {spec.metric!r}, "
+                          f"ranked {spec.mode!r}; allowed: {spec.mode} (or leave scheduler.mode out)")
+    else:
+        s.mode = spec.mode
 
 
 def _possible_objectives(sweep: Sweep) -> set[str]:
@@ -288,9 +306,7 @@ def reported_metric_names(sweep: Sweep) -> tuple[set[str], tuple[str, ...]]:
 
         specs = resolve_tasks(tasks)
         for t in specs:
-            exact |= {f"bench/{t.name}/{m}" for m in t.metrics}
-            if t.glue:
-                exact.add(f"bench/{t.name}/glue_score")
+            exact |= {f"bench/{t.name}/{m}" for m in t.reported}
         if any(t.name in GLUE_TASKS for t in specs):
             exact.add("bench/glue/glue_average")
     return exact, tuple(prefixes)

@@ -1,0 +1,57 @@
+"""Which way each metric a trial reports improves: what the sweep's ``mode`` and a scheduler's must be.
+
+A wrong direction silently makes a sweep keep its worst trials (and a scheduler stop its best), so the
+direction is derived from the metric's name wherever the name says it, and a sweep file that contradicts it
+is refused. Metric names are those of ``raydistill.sweep.spec.reported_metric_names``: training rows
+(``loss``, each objective's term, ``tokens_per_s``, ...), validation (``val/loss``, ``val/ce``, ``val/ppl``,
+``val/<objective>``, ``val/iia/...``, ``val/rouge...``) and benchmark scores (``bench/<task>/<metric>``).
+Imports nothing heavy: the report uses it on machines without torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from raydistill.errors import ConfigError
+
+Mode = Literal["min", "max"]
+
+# Benchmark scores (raydistill.eval.tasks) that are better when higher; perplexity is the one that is not.
+HIGHER_SCORES = frozenset({"accuracy", "f1", "matthews_corr", "pearson", "spearman", "exact_match", "entity_f1",
+                           "entity_precision", "entity_recall", "glue_score", "glue_average"})
+# Training-row keys that are neither losses nor scores.
+NO_DIRECTION = frozenset({"lr", "step", "epoch"})
+
+
+def metric_direction(metric: str) -> Mode | None:
+    """``"min"`` or ``"max"`` for a metric whose name says which is better, else None (an objective's own
+    diagnostics such as ``td/value``, the learning rate, an unknown column)."""
+    parts = metric.split("/")
+    if parts[0] == "bench":
+        if len(parts) != 3:
+            return None
+        return "min" if parts[2] == "perplexity" else "max" if parts[2] in HIGHER_SCORES else None
+    if parts[0] == "val":
+        if len(parts) > 1 and (parts[1] == "iia" or parts[1].startswith("rouge")):
+            return "max"  # interchange-intervention accuracy, ROUGE of generations
+        return "min" if len(parts) == 2 else None  # val/loss, val/ce, val/ppl, val/<objective>: losses
+    if metric == "tokens_per_s":
+        return "max"
+    if len(parts) == 1 and metric not in NO_DIRECTION:
+        return "min"  # loss, step_time_s and each objective's training term
+    return None
+
+
+def checked_mode(metric: str, mode: str | None, field: str) -> Mode:
+    """``mode`` for ``metric`` as a sweep file gives it (``field`` names it in errors): derived from the metric
+    where left out; refused where it contradicts the metric, or where neither says which way is better."""
+    known = metric_direction(metric)
+    if mode is None:
+        if known is None:
+            raise ConfigError(f"{field}: not given, and {metric!r} does not say whether lower or higher is better; "
+                              f"allowed: min, max")
+        return known
+    if known is not None and mode != known:
+        better = "lower" if known == "min" else "higher"
+        raise ConfigError(f"{field} {mode!r} for {metric!r}, which is better when {better}: the sweep would keep "
+                          f"its worst trials; allowed: {known} (or leave {field} out)")
+    return mode  # type: ignore[return-value]
