@@ -18,7 +18,7 @@ from raydistill.bench.throughput import (BareLoop, EngineLoop, _side, bench_conf
 from raydistill.errors import ConfigError
 from raydistill.data.blocks import BatchSampler, Blocks, TokenInfo
 from raydistill.monitoring.metrics import (PEAK_FLOPS, counted_flops, flops_per_token, measured_gemm_flops, mfu,
-                                           peak_flops, peak_memory_bytes)
+                                           peak_flops, peak_flops_of, peak_memory_bytes)
 from raydistill.train.prefetch import Prefetcher
 from raydistill.train.worker import Worker
 
@@ -219,6 +219,18 @@ def test_set_refuses_what_the_bench_sets_itself_before_anything_runs(item, optio
         bench_throughput(overrides=(item,))
     with pytest.raises(ConfigError, match="rounds: 0"):
         bench_throughput(rounds=0)
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 67e12), ("NVIDIA H100 PCIe", 756e12, 51e12), ("NVIDIA H100 NVL", 835e12, 60e12),
+    ("NVIDIA H200", 989e12, 67e12), ("NVIDIA H200 NVL", 835e12, 60e12), ("NVIDIA GH200 480GB", 989e12, 67e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12), ("NVIDIA A10G", 70e12, 31.2e12), ("NVIDIA A10", 125e12, 31.2e12),
+    ("NVIDIA L4", 121e12, 30.3e12), ("NVIDIA L40", 181e12, 90.5e12), ("NVIDIA L40S", 362e12, 91.6e12),
+    ("NVIDIA B200", 2250e12, 75e12), ("Tesla T4", 65e12, 8.1e12), ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_each_gpu_gets_its_own_row_of_the_peak_table(name, bf16, fp32):
+    # Word by word: an L40 is not an L4, an H100 NVL not an SXM H100, an A100 not an A10.
+    assert (peak_flops_of(name, "bf16"), peak_flops_of(name, "fp32")) == (bf16, fp32)
 
 
 def test_peaks_known_gpus_from_the_table_and_cpu_measured():

@@ -12,6 +12,7 @@ to a step. The sweep driver records trial counts, the best metric and benchmark 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -252,21 +253,40 @@ def flops_per_token(student, teacher, layers: tuple[int, int | None], hidden: tu
 
 
 # Dense peak FLOP/s per device (vendor data sheets; SXM parts unless named): 16-bit tensor cores, and fp32
-# without TF32 (PyTorch's default for matmuls). Matched against torch.cuda.get_device_name, first match wins.
+# without TF32 (PyTorch's default for matmuls). Matched word by word against torch.cuda.get_device_name
+# ("NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB"): a substring match would take an L40 for an L4 and an H100 NVL
+# for an SXM part. First match wins, so a named variant comes before its family.
 PEAK_FLOPS: list[tuple[str, float, float]] = [
+    ("H200 NVL", 835e12, 60e12),
     ("H200", 989e12, 67e12),
+    ("H100 NVL", 835e12, 60e12),
     ("H100 PCIe", 756e12, 51e12),
     ("H100", 989e12, 67e12),
     ("GH200", 989e12, 67e12),
-    ("B200", 2250e12, 80e12),
+    ("B200", 2250e12, 75e12),
     ("A100", 312e12, 19.5e12),
     ("A10G", 70e12, 31.2e12),
     ("A10", 125e12, 31.2e12),
     ("L40S", 362e12, 91.6e12),
+    ("L40", 181e12, 90.5e12),
     ("L4", 121e12, 30.3e12),
     ("V100", 125e12, 15.7e12),
     ("T4", 65e12, 8.1e12),
 ]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def peak_flops_of(name: str, precision: str) -> float | None:
+    """The dense peak FLOP/s of the GPU called ``name`` at ``precision``, if the table has it."""
+    words = _words(name)
+    for key, half, single in PEAK_FLOPS:
+        k = _words(key)
+        if any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            return single if precision == "fp32" else half
+    return None
 
 
 def device_peak_flops(device, precision: str) -> float | None:
@@ -275,11 +295,7 @@ def device_peak_flops(device, precision: str) -> float | None:
         return None
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    for key, half, single in PEAK_FLOPS:
-        if key in name:
-            return single if precision == "fp32" else half
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device), precision)
 
 
 def peak_flops(device, precision: str) -> tuple[float | None, str]:
