@@ -159,3 +159,23 @@ def test_tiny_bert_finds_entities_on_conll2003():
     report = evaluate("tiny-bert", "conll2003", settings, data_dir=DATA)
     f1 = {r.metric: r.value for r in report.rows}
     assert f1["entity_f1"] > 0.1  # all-O scores 0
+
+
+def test_fine_tuning_reports_the_last_epochs_mean_loss_per_example():
+    """Three examples in batches of two: the last batch holds one, so a mean of batch means would weight it twice."""
+    from types import SimpleNamespace
+
+    from raydistill.eval.loop import train
+
+    class PerExample(torch.nn.Module):  # loss: the mean of the batch's labels (lr 0: the same every epoch)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return SimpleNamespace(loss=labels.float().mean() + 0 * self.w.sum())
+
+    features = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": v} for v in (1, 2, 6)]
+    out = train(PerExample(), features, label_keys=("labels",), lr=0.0, epochs=2, batch_size=2, warmup_ratio=0.0,
+                weight_decay=0.0, seed=0, device=torch.device("cpu"), pad_id=0)
+    assert out["steps"] == 4 and out["train_loss"] == pytest.approx(3.0)

@@ -51,7 +51,7 @@ def train(model: nn.Module, features: list[dict], *, label_keys: tuple[str, ...]
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    last_losses: list[float] = []
+    last_losses: list[tuple[float, int]] = []  # (batch mean, examples)
     for _ in range(epochs):
         last_losses = []
         for chunk in torch.randperm(len(features), generator=generator).split(batch_size):
@@ -62,8 +62,10 @@ def train(model: nn.Module, features: list[dict], *, label_keys: tuple[str, ...]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            last_losses.append(loss.item())
-    return {"steps": total, "train_loss": sum(last_losses) / max(1, len(last_losses))}
+            last_losses.append((loss.item(), len(chunk)))
+    # The last epoch's mean per example: its last batch may be smaller than the others.
+    seen = sum(n for _, n in last_losses)
+    return {"steps": total, "train_loss": sum(value * n for value, n in last_losses) / max(1, seen)}
 
 
 @torch.no_grad()

@@ -6,9 +6,10 @@ Decoders: next-token perplexity, by default with the sliding window of Hugging F
 ``stride`` tokens; each window scores only its last ``end - prev_end`` tokens (those the previous window
 did not reach), the tokens before them are context with label -100. Every token but the stream's first is
 scored exactly once, each with at least ``context - stride`` tokens of context (all it has, near the
-start). ``non_overlapping`` windows (the sliding window with stride = context) score every token of a
-window from what precedes it in that window only, so a token at a window's start gets no context:
-perplexity comes out higher and depends on the window length.
+start). ``non_overlapping`` windows (the sliding window with stride = context) score each window's tokens
+from what precedes them in that window only: a window's first token is not scored at all (nothing in the
+window predicts it) and the next ones see little context, so perplexity comes out higher and depends on the
+window length.
 
 Encoders: masked-token perplexity on non-overlapping windows (a seeded ``mlm_probability`` of each
 window's tokens replaced by [MASK] and predicted, at least one per window).
