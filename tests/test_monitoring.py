@@ -90,6 +90,51 @@ def test_the_cli_prints_the_dashboard_json():
     assert json.loads(out)["uid"] == "raydistill"
 
 
+@pytest.mark.parametrize("objectives, stream", [
+    ({"task": {}, "kd": {}}, None),
+    ({"td": {"action_space": {"kind": "top_k", "k": 64}}}, None),  # fused head: the student's V x H never runs
+    ({"td": {"action_space": {"kind": "top_k", "k": 64}, "fused_head": False}}, None),
+    ({"cosine": {}}, None),  # block outputs only: neither head runs
+    ({"kd": {}}, {"task": {}}),  # an extra stream the teacher never sees
+])
+def test_the_steps_flop_estimate_counts_the_passes_its_objectives_run(objectives, stream):
+    """Against torch's flop counter on a real step (forward and backward): within 3% (biases and the attention
+    formula's rounding), whichever heads and teacher passes the objectives skip."""
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.data.masking import next_token_labels
+    from raydistill.models.presets import preset_config
+    from raydistill.monitoring.metrics import counted_flops, step_flops_per_token
+    from raydistill.objectives import REGISTRY, build_objectives
+    from raydistill.objectives.base import ModelInfo
+    from raydistill.train.step import DistillModule
+
+    v, b, t = 8192, 2, 64
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(preset_config("tiny-gpt2", v, special)).eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_config(preset_config("tiny-gpt2", v, special, {"n_layer": 2})).train()
+    info = ModelInfo(is_encoder=False, vocab_size=v, student_layers=2, student_hidden=64, teacher_layers=4,
+                     teacher_hidden=64)
+    ids = torch.randint(3, v, (b, t))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = next_token_labels(ids, batch["attention_mask"])
+
+    def built(objs):
+        return build_objectives({k: REGISTRY[k].Settings(**a) for k, a in objs.items()}, info)
+
+    streams = {"lm": built(stream)} if stream else {}
+    module = DistillModule(student, built(objectives), info, streams=streams)
+
+    def step():
+        loss, _ = module(batch, teacher, streams={name: batch for name in streams})
+        loss.backward()
+
+    counted = counted_flops(step) / (b * t * (1 + len(streams)))
+    estimate = step_flops_per_token(module, teacher, t, {None: b, **{name: b for name in streams}})
+    assert estimate == pytest.approx(counted, rel=0.03)
+
+
 def test_flops_per_token_is_6n_plus_attention_for_the_student_and_2n_for_the_teacher():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -33,7 +33,7 @@ from raydistill.config import dump_config, load_config
 from raydistill.data.blocks import BatchSampler
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models.loading import build_model, init_from_teacher, prepare_student, teacher_dtype
-from raydistill.monitoring.metrics import counted_flops, flops_per_token, mfu, peak_flops, peak_memory_bytes
+from raydistill.monitoring.metrics import counted_flops, mfu, peak_flops, peak_memory_bytes, step_flops_per_token
 from raydistill.objectives import build_objectives
 from raydistill.train.ds_config import deepspeed_config, import_deepspeed
 from raydistill.train.host_memory import keep_freed_host_memory
@@ -103,7 +103,7 @@ class BareLoop:
         self.grad_clip = t.grad_clip
         self.data = BatchSampler(plan.blocks[0], plan.token_info, batch_size=t.batch_size, grad_accum=1, rank=0,
                                  world_size=1, seed=t.seed)
-        self.info, self.seq_len = plan.info, cfg.data.block_size
+        self.seq_len = cfg.data.block_size
 
     def step(self, n: int) -> int:
         """One optimiser step on batch ``n``; returns its (non-padding) tokens, counted on the host."""
@@ -139,15 +139,12 @@ class BareLoop:
 
     def flops_per_token(self, n: int = 1) -> tuple[float, float]:
         """(counted, estimated) FLOPs per token of one step: the flop counter's, and the 6N + 2N_teacher +
-        attention estimate the training metrics use (``monitoring.metrics.flops_per_token``)."""
+        attention estimate the training metrics use (``monitoring.metrics.step_flops_per_token``)."""
         tokens = []
         counted = counted_flops(lambda: tokens.append(self.step(n)))
         # Per position: the counter sees every position, padding included, as the device computes them.
         positions = self.data.batch_size * self.seq_len
-        i = self.info
-        estimate = flops_per_token(self.module.student, self.teacher, (i.student_layers, i.teacher_layers),
-                                   (i.student_hidden, i.teacher_hidden), self.seq_len,
-                                   self.module.needs.teacher_runs())
+        estimate = step_flops_per_token(self.module, self.teacher, self.seq_len, {None: self.data.batch_size})
         return counted / positions, estimate
 
 

@@ -229,27 +229,57 @@ def metrics_endpoint() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-def _matmul_params(model) -> int:
+def _head_params(model) -> int:
+    out = model.get_output_embeddings()
+    return 0 if out is None else out.weight.numel()
+
+
+def _matmul_params(model, head: bool = True) -> int:
     """Parameters that take part in a matrix multiply per token: all but the input and position embeddings,
-    plus the output head when it shares the input embedding's weight (it is a V x H product per token)."""
+    plus the output head when it shares the input embedding's weight (it is a V x H product per token).
+    ``head=False``: without the output head, for a pass that never computes the full logits."""
     n = model.num_parameters(exclude_embeddings=True)
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and embed is not None and head.weight is embed.weight:
-        n += head.weight.numel()
-    return n
+    out, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out is not None and embed is not None and out.weight is embed.weight
+    return n + (_head_params(model) if tied else 0) - (0 if head else _head_params(model))
 
 
 def flops_per_token(student, teacher, layers: tuple[int, int | None], hidden: tuple[int, int | None],
-                    seq_len: int, teacher_runs: bool) -> float:
+                    seq_len: int, teacher_runs: bool, *, student_head: bool = True, teacher_head: bool = True,
+                    student_head_search: bool = False) -> float:
     """Estimated FLOPs per trained token of a standard step (PaLM's appendix B): 6N + 12LdT for the student
-    (forward and backward), 2N + 4LdT for the teacher's forward when an objective uses it. IIT's extra partial
-    passes and generation are not counted, so MFU is a lower bound for them."""
+    (forward and backward), 2N + 4LdT for the teacher's forward when an objective uses it; each model's output
+    head (V x H) counted only where the step computes its full logits (``student_head``, ``teacher_head``), and
+    the student's once more forward only for a search over the whole vocabulary without them
+    (``student_head_search``: td's fused head). IIT's extra partial passes, generation and a fused head's K
+    gathered columns are not counted, so MFU is a lower bound for them."""
     s_layers, t_layers = layers
     s_hidden, t_hidden = hidden
-    total = 6.0 * _matmul_params(student) + 12.0 * s_layers * s_hidden * seq_len
+    total = 6.0 * _matmul_params(student, student_head) + 12.0 * s_layers * s_hidden * seq_len
+    if student_head_search and not student_head:
+        total += 2.0 * _head_params(student)
     if teacher is not None and teacher_runs and t_layers and t_hidden:
-        total += 2.0 * _matmul_params(teacher) + 4.0 * t_layers * t_hidden * seq_len
+        total += 2.0 * _matmul_params(teacher, teacher_head) + 4.0 * t_layers * t_hidden * seq_len
     return total
+
+
+def step_flops_per_token(module, teacher, seq_len: int, sequences: dict[str | None, int],
+                         cached_topk: bool = False) -> float:
+    """``flops_per_token`` of a ``DistillModule``'s step, per stream as its objectives run it (the main batch,
+    key None, and each extra stream by name), weighted by the stream's ``sequences`` per step: the teacher
+    only where that stream's objectives run it, a head only where they ask for full logits (not for a fused
+    td head, cosine alone, a teacher asked for block outputs, or top-K read from the teacher cache
+    (``cached_topk``))."""
+    info = module.info
+    needs = {None: module.needs, **module.stream_needs}
+    total = 0.0
+    for name, n in needs.items():
+        total += sequences[name] * flops_per_token(
+            module.student, teacher, (info.student_layers, info.teacher_layers),
+            (info.student_hidden, info.teacher_hidden), seq_len, n.teacher_runs(cached_topk),
+            student_head=n.student_logits, student_head_search=n.student_vocab_search,
+            teacher_head=n.teacher_logits or (n.teacher_topk > 0 and not cached_topk))
+    return total / sum(sequences[name] for name in needs)
 
 
 # Dense peak FLOP/s per device (vendor data sheets; SXM parts unless named): 16-bit tensor cores, and fp32

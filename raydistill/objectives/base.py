@@ -43,12 +43,16 @@ class Needs:
     # top K, with their log-probabilities and the tail's tempered mass (``Step.teacher_tail``; online or from
     # the teacher cache); S = 0: not needed. K is also asked of ``teacher_topk``.
     teacher_tail: tuple[int, int, float] = (0, 0, 1.0)
+    # With ``student_head``: the objective also searches the whole vocabulary for each position's largest logit
+    # (forward only, V x H per position; ``td``'s vocabulary shift). Only the FLOP estimate reads it.
+    student_vocab_search: bool = False
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.teacher_logits or other.teacher_logits, self.student_logits or other.student_logits,
                      self.student_head or other.student_head, self.student_layers | other.student_layers,
                      self.teacher_layers | other.teacher_layers, max(self.teacher_topk, other.teacher_topk),
-                     _one_tail(self.teacher_tail, other.teacher_tail))
+                     _one_tail(self.teacher_tail, other.teacher_tail),
+                     self.student_vocab_search or other.student_vocab_search)
 
     @property
     def teacher(self) -> bool:

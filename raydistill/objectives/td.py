@@ -156,7 +156,8 @@ class TDLoss(Objective):
     def needs(self) -> Needs:
         fused = self.settings.fused_head
         return Needs(teacher_topk=columns(self.settings.action_space, self.info.vocab_size),
-                     student_logits=not fused, student_head=fused)
+                     student_logits=not fused, student_head=fused,
+                     student_vocab_search=fused and self.settings.shift == "vocab")
 
     def positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The labelled positions: every expert transition, kept or (``expert: skip``) not."""

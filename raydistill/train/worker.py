@@ -36,7 +36,7 @@ from raydistill.models.loading import (build_model, init_from_teacher, prepare_s
                                        teacher_dtype)
 from raydistill.monitoring import board as phases
 from raydistill.monitoring.board import Monitor
-from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, flops_per_token, peak_memory_bytes
+from raydistill.monitoring.metrics import RunMetrics, device_peak_flops, peak_memory_bytes, step_flops_per_token
 from raydistill.objectives import build_objectives
 from raydistill.train import checkpoints
 from raydistill.train.ds_config import deepspeed_config, import_deepspeed, teacher_deepspeed_config
@@ -180,12 +180,11 @@ class Worker:
 
     def _flops_per_token(self, module: DistillModule, teacher: torch.nn.Module | None) -> float | None:
         """The step's estimated FLOPs per token (for FLOP/s and MFU), from the models before DeepSpeed wraps them."""
-        info, plan = self.plan.info, self.plan
-        teacher_runs = module.needs.teacher_runs() or any(n.teacher_runs() for n in module.stream_needs.values())
+        plan = self.plan
         seq_len = plan.prompts.length if plan.prompts is not None else self.cfg.data.block_size
+        sequences = {None: self.cfg.train.batch_size, **{name: s.batch_size for name, s in plan.streams.items()}}
         try:
-            return flops_per_token(module.student, teacher, (info.student_layers, info.teacher_layers),
-                                   (info.student_hidden, info.teacher_hidden), seq_len, teacher_runs)
+            return step_flops_per_token(module, teacher, seq_len, sequences, cached_topk=self.teacher_cache is not None)
         except (AttributeError, TypeError):  # not a transformers model: no FLOP estimate, the rest is exported
             return None
 
