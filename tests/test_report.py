@@ -346,6 +346,65 @@ def test_report_of_a_running_sweep_without_results_table(tmp_path):
     assert "No configuration was run more than once" in md
 
 
+def write_table_sweep(root: Path, rows: list[dict], space: dict) -> Path:
+    """A sweep folder with only sweep.yaml (val/loss, min) and results.csv."""
+    directory = root / "tbl"
+    directory.mkdir(parents=True)
+    (directory / "sweep.yaml").write_text(yaml.safe_dump({"name": "tbl", "metric": "val/loss", "mode": "min",
+                                                          "base": {"objectives": OBJECTIVES["kd"]}, "space": space}))
+    pd.DataFrame(rows).to_csv(directory / "results.csv", index=False)
+    return directory
+
+
+def test_unfinished_trials_are_never_ranked_nor_in_the_statistics(tmp_path):
+    from raydistill.report.sections import leaderboard, overview, seeds
+
+    rows = [{"trial": "a", "status": "finished", "config/train.seed": 0, "step": 12345, "val/loss": 2.00,
+             "runtime_s": 100.0},
+            {"trial": "b", "status": "finished", "config/train.seed": 1, "step": 12345, "val/loss": 2.02,
+             "runtime_s": 100.0},
+            {"trial": "c", "status": "failed", "config/train.seed": 2, "step": 50, "val/loss": 1.5, "runtime_s": 8.0},
+            {"trial": "d", "status": "interrupted", "config/train.seed": 3, "step": 20, "val/loss": 1.0,
+             "runtime_s": 5.0},
+            {"trial": "e", "status": "pending", "config/train.seed": 4}]
+    d = load_sweep(str(write_table_sweep(tmp_path, rows, {"train.seed": {"grid": [0, 1, 2, 3, 4]}})))
+    board = leaderboard(d).blocks[0].table
+    assert list(zip(board["rank"], board["trial"])) == [("1", "a"), ("2", "b"), ("–", "c"), ("–", "d"), ("–", "e")]
+    assert board["step"].iloc[0] == "12345" and board["runtime_s"].iloc[-1] == "–"
+    intervals = next(b.table for b in seeds(d).blocks if b.kind == "table")
+    assert intervals["n"].tolist() == ["2"] and intervals["mean"].tolist() == ["2.01"]  # a and b only
+    assert any("use the 2 finished or stopped trials only" in b.text for b in overview(d).blocks)
+
+
+def test_configurations_are_grouped_on_exact_values(tmp_path):
+    # Two learning rates that agree to 4 significant digits are different configurations; a repeated one is not.
+    rows = [{"trial": "a", "status": "finished", "config/train.lr": 0.0012341, "config/train.seed": 0, "val/loss": 2.0},
+            {"trial": "b", "status": "finished", "config/train.lr": 0.0012344, "config/train.seed": 1, "val/loss": 3.0},
+            {"trial": "c", "status": "finished", "config/train.lr": 0.005, "config/train.seed": 0, "val/loss": 2.5},
+            {"trial": "e", "status": "finished", "config/train.lr": 0.005, "config/train.seed": 1, "val/loss": 2.7}]
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.seed": {"grid": [0, 1]}}
+    d = load_sweep(str(write_table_sweep(tmp_path, rows, space)))
+    assert d.table["configuration"].tolist() == ["train.lr=0.0012341", "train.lr=0.0012344", "train.lr=0.005",
+                                                 "train.lr=0.005"]
+    intervals = S.replicate_intervals(d.table, "val/loss")
+    assert intervals["configuration"].tolist() == ["train.lr=0.005"] and intervals["n"].tolist() == [2]
+
+
+def test_a_rebuilt_report_reads_tunes_error_file(tmp_path):
+    from raydistill.report.sections import leaderboard
+
+    directory = write_sweep(tmp_path, seeds=(0,), with_table=False, running="abc_00001")
+    (directory / "trial_abc_00001" / "error.txt").write_text("Failure # 1\nNonFiniteLoss: non-finite loss\n")
+    (directory / "trial_abc_00001" / "result.json").write_text(json.dumps({"step": 10, "bench/builtin-qa/f1": 0.99})
+                                                                + "\n")
+    data = load_sweep(str(directory))
+    assert dict(zip(data.table["trial"], data.table["status"]))["abc_00001"] == "failed"
+    board = leaderboard(data).blocks[0].table
+    assert board.iloc[-1][["rank", "trial", "status"]].tolist() == ["–", "abc_00001", "failed"]
+    md = Path(build_report(str(directory), output=tmp_path / "out")["markdown"]).read_text()
+    assert "still running" not in md
+
+
 def test_report_command_errors_and_default_output(tmp_path):
     from typer.testing import CliRunner
 

@@ -223,9 +223,81 @@ def test_results_table_leaderboard_and_best(tmp_path):
     text = R.format_leaderboard(frame, sweep)
     lines = text.splitlines()
     assert lines[0].startswith("sweep t: val/loss (min)") and "train.lr" in lines[1]
-    assert lines[3].split()[:3] == ["1", "d", "finished"] and lines[-1].split()[:3] == ["4", "b", "failed"]
+    assert lines[3].split()[:3] == ["1", "d", "finished"] and lines[-1].split()[:3] == ["-", "b", "failed"]
     with pytest.raises(ConfigError, match="no results.csv"):
         R.read_table(tmp_path / "missing")
+
+
+def test_only_finished_trials_rank_and_the_table_shows_each_column_once_with_whole_steps(tmp_path):
+    # A failed and an interrupted trial keep an intermediate val/loss better than any finished trial's.
+    rows = [
+        {"trial": "a", "status": "finished", "step": 12345, "config/train.lr": 1e-3, "val/loss": 2.0,
+         "runtime_s": 50.0},
+        {"trial": "f", "status": "failed", "step": 40, "config/train.lr": 5e-2, "val/loss": 1.2, "runtime_s": 20.0},
+        {"trial": "r", "status": "interrupted", "step": 20, "config/train.lr": 2e-2, "val/loss": 1.5,
+         "runtime_s": 9.0},
+        {"trial": "d", "status": "finished", "step": 12345, "config/train.lr": 2e-3, "val/loss": 1.8,
+         "runtime_s": 12345.67},
+        {"trial": "p", "status": "pending", "step": None, "config/train.lr": 3e-3, "val/loss": None, "runtime_s": None},
+    ]
+    R.write_table(tmp_path, rows)
+    frame = R.read_table(tmp_path)
+    assert list(R.leaderboard(frame, "val/loss", "min")["trial"]) == ["d", "a", "f", "r", "p"]
+    assert list(R.leaderboard(frame, "val/loss", "max")["trial"]) == ["a", "d", "f", "r", "p"]
+    assert R.best_row(rows, "val/loss", "min")["trial"] == "d"
+    sweep = load(tmp_path, space={"train.lr": {"uniform": [1e-5, 1e-1]}}, metric="val/loss", mode="min")
+    lines = R.format_leaderboard(frame, sweep).splitlines()
+    assert lines[1].split().count("val/loss") == 1  # the metric is also one of the usual columns
+    cells = [ln.split() for ln in lines[3:]]
+    assert [c[:3] for c in cells] == [["1", "d", "finished"], ["2", "a", "finished"], ["-", "f", "failed"],
+                                      ["-", "r", "interrupted"], ["-", "p", "pending"]]
+    assert cells[0][3] == "12345" and cells[0][-1] == "12346"  # step (a float column: p has none) and runtime whole
+    assert cells[-1][3] == "-" and cells[-1][-1] == "-"  # a pending trial has no step and no runtime yet
+
+
+def test_a_trial_that_ended_before_tune_heard_reports_its_saved_final_result(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    sweep = load(tmp_path, space={"train.lr": {"loguniform": [1e-4, 1e-2]}}, metric="bench/builtin-qa/f1")
+    tdir = Path(sweep.dir) / "trial_A"
+    tdir.mkdir(parents=True)
+    (tdir / "final_result.json").write_text(json.dumps({"val/loss": 1.5, "bench/builtin-qa/f1": 0.9, "step": 10,
+                                                        "export_dir": str(tdir / "student"), "finished": 1,
+                                                        "time_total_s": 300.0}))
+    (tdir / "trial.jsonl").write_text('{"event": "start"}\n{"event": "end", "bench/builtin-qa/f1": 0.9}\n')
+    # Tune's last result is the last training report: interrupted right after the driver's end event.
+    a = SimpleNamespace(trial_id="A", status="RUNNING", config={"train.lr": 1e-3}, path=str(tdir), error_file=None,
+                        last_result={"step": 10, "val/loss": 1.5, "time_total_s": 290.0})
+    b = SimpleNamespace(trial_id="B", status="TERMINATED", config={"train.lr": 5e-3}, path="", error_file=None,
+                        last_result={"step": 10, "val/loss": 2.0, "bench/builtin-qa/f1": 0.6, "finished": 1,
+                                     "export_dir": "/x", "time_total_s": 310.0})
+    pending = SimpleNamespace(trial_id="C", status="PENDING", config={"train.lr": 2e-3}, path="", error_file=None,
+                              last_result={})
+    rows = [R.trial_row(sweep, t) for t in (a, b, pending)]
+    assert rows[0]["status"] == "finished" and rows[0]["bench/builtin-qa/f1"] == 0.9
+    assert rows[0]["checkpoint_path"] == str(tdir / "student") and rows[0]["runtime_s"] == 300.0
+    assert R.best_row(rows, sweep.spec.metric, sweep.spec.mode)["trial"] == "A"
+    assert rows[2]["status"] == "pending" and rows[2]["runtime_s"] is None  # no runtime yet, not 0
+
+
+def test_the_best_so_far_gauge_takes_finished_and_stopped_trials_only(monkeypatch):
+    import raydistill.monitoring.metrics as M
+
+    seen = {}
+
+    class Gauge:
+        def __init__(self, name):
+            self.name = name
+
+        def set(self, value, tags):
+            seen[self.name] = value
+
+    monkeypatch.setattr(M, "_metric", Gauge)
+    rows = [{"trial": "a", "status": "finished", "val/loss": 2.0}, {"trial": "f", "status": "failed", "val/loss": 1.2},
+            {"trial": "r", "status": "running", "val/loss": 1.1}, {"trial": "s", "status": "stopped", "val/loss": 1.9}]
+    M.SweepMetrics("t", "val/loss", "min").update(rows)
+    assert seen["raydistill_sweep_best"] == 1.9
 
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))

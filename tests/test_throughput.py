@@ -213,7 +213,8 @@ def test_the_bench_deepspeed_side_trains_the_bare_loop_step(tmp_path):
 @pytest.mark.parametrize("item, option", [("train.batch_size=4", "--batch-size"), ("deepspeed.zero_stage=0",
                                           "--zero-stage"), ("objectives.kd.weight=0.5", "--objectives"),
                                           ("output_dir=/tmp/x", "any other config key"),
-                                          ("ray.address=auto", "any other config key")])
+                                          ("ray.address=auto", "any other config key"),
+                                          ("train.eval_every=5", "any other config key")])
 def test_set_refuses_what_the_bench_sets_itself_before_anything_runs(item, option):
     with pytest.raises(ConfigError, match=rf"--set '{item}'.*allowed: .*{option}"):
         bench_throughput(overrides=(item,))

@@ -62,6 +62,9 @@ OWN_KEYS = {"teacher.name": "--teacher", "student.num_layers": "--student-layers
             "data.block_size": "--block-size", "train.precision": "--precision", "deepspeed.zero_stage": "--zero-stage",
             "train.max_steps": "--steps", "train.log_every": None, "output_dir": None, "cache_dir": None,
             "scaling.num_workers": None, "scaling.use_gpu": None,
+            # no evaluation, checkpoint or Ray report before the end: the windows time training steps only (a
+            # row's step time leaves those out, and a freeze that fell in one would be taken out twice)
+            "train.eval_every": None, "train.checkpoint_every": None, "train.report_every": None,
             "ray.address": None}  # the framework run starts a local cluster of its own, frozen while bare windows run
 
 
@@ -76,6 +79,7 @@ def bench_config(out: str, cache: str, *, teacher: str, teacher_overrides: dict,
         *(f"objectives.{name}.weight=1" for name in objectives), "data.builtin.num_documents=1000",
         f"data.block_size={block_size}", f"train.batch_size={batch_size}", f"train.max_steps={steps + window}",
         f"train.precision={precision}", f"train.log_every={window}", "train.eval_batches=1", "train.grad_clip=1.0",
+        "train.eval_every=0", "train.checkpoint_every=0", "train.report_every=0",
         f"deepspeed.zero_stage={zero_stage}", "scaling.num_workers=1", f"scaling.use_gpu={str(use_gpu).lower()}",
         "ray.dashboard=false", "ray.log_to_driver=false", "monitoring.progress=plain", *overrides])
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raydistill.ranking import DONE
+
 PREFIX = "raydistill_"
 RUN_TAGS = ("run", "trial", "rank")  # trial: the Tune trial id in sweeps, "" for `raydistill train`
 DURATION_BUCKETS_S = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
@@ -125,27 +127,28 @@ class _Recorder:
 class RunMetrics(_Recorder):
     """One rank's series of one run. ``log`` takes the row the loop has just built at a logging step."""
 
-    def __init__(self, run: str, trial: str, rank: int, world: int, max_steps: int, flops_per_token: float | None,
+    def __init__(self, run: str, trial: str, rank: int, max_steps: int, flops_per_token: float | None,
                  peak_flops: float | None, device=None, enabled: bool = True):
         super().__init__(enabled)
         self.tags = {"run": run, "trial": trial, "rank": str(rank)}
-        self.rank, self.world, self.max_steps = rank, world, max_steps
+        self.rank, self.max_steps = rank, max_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.cuda = device is not None and getattr(device, "type", None) == "cuda"
         self.device = device
 
-    def log(self, metrics: dict[str, Any], terms: list[str], tokens: int) -> None:
+    def log(self, metrics: dict[str, Any], terms: list[str], tokens: int, seconds: float) -> None:
         """``metrics``: the logged row (step, loss, terms, lr, tokens_per_s, step_time_s, val/*); ``terms``: its
-        loss-term keys; ``tokens``: this rank's tokens since the previous log."""
-        self._guarded(self._log, metrics, terms, tokens)
+        loss-term keys; ``tokens``: this rank's tokens since the previous log, trained in ``seconds``."""
+        self._guarded(self._log, metrics, terms, tokens, seconds)
 
-    def _log(self, metrics: dict[str, Any], terms: list[str], tokens: int) -> None:
+    def _log(self, metrics: dict[str, Any], terms: list[str], tokens: int, seconds: float) -> None:
         t = self.tags
         step = metrics["step"]
         self._set("raydistill_train_step", step, t)
         self._set("raydistill_train_progress", step / self.max_steps, t)
-        # tokens_per_s is the run's (every rank's tokens); this rank's share is what its device did.
-        rank_tps = metrics["tokens_per_s"] / self.world
+        # The row's tokens_per_s is the run's (every rank's tokens); this rank's own is what its device did (ranks
+        # differ where rows differ in length: prompt + response).
+        rank_tps = tokens / max(seconds, 1e-9)
         self._set("raydistill_train_tokens_per_s", rank_tps, t)
         self._set("raydistill_train_step_time_s", metrics["step_time_s"], t)
         if tokens > 0:
@@ -198,7 +201,8 @@ class SweepMetrics(_Recorder):
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         for state, n in counts.items():
             self._set("raydistill_sweep_trials", n, {"run": self.sweep, "state": state})
-        values = [row[self.metric] for row in rows if _finite(row.get(self.metric))]
+        # Ranked trials only (raydistill.ranking): a failed, interrupted or running trial's value is intermediate.
+        values = [row[self.metric] for row in rows if row.get("status") in DONE and _finite(row.get(self.metric))]
         if values:
             best = min(values) if self.mode == "min" else max(values)
             self._set("raydistill_sweep_best", best, {"run": self.sweep, "metric": self.metric})

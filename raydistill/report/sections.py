@@ -3,12 +3,14 @@ tables, figures), built from a ``SweepData``. The HTML and Markdown writers only
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.report import figures as F
 from raydistill.report import stats as S
+from raydistill.ranking import rank_order
 from raydistill.report.sweepdata import BOOKKEEPING, SweepData
 
 # Section ids, in order: the tests check that every one is present.
@@ -41,17 +43,24 @@ class Section:
 
 
 def display(frame):
-    """Numbers to 4 significant digits, missing values as '–', 'config/' dropped from column names."""
+    """Numbers to 4 significant digits (whole numbers and those from 10^4 up to the unit: a step or a runtime),
+    missing values as '–', 'config/' dropped from column names."""
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.0f}" if abs(v) < 1e15 and (v.is_integer() or abs(v) >= 1e4) else f"{v:.4g}"
         return str(v)
 
     out = frame.copy()
     out.columns = [F.short(str(c)) for c in out.columns]
     return out.apply(lambda col: col.map(fmt)) if len(out) else out
+
+
+def _finished(d: SweepData) -> SweepData:
+    """``d`` with its finished and stopped trials only: the statistics never mix a running, failed or interrupted
+    trial's intermediate metric with final ones."""
+    return dataclasses.replace(d, table=d.done)
 
 
 def _trial_label(row: dict) -> str:
@@ -76,6 +85,9 @@ def overview(d: SweepData) -> Section:
     if active:
         s.text(f"The sweep is still running ({active} trials running or pending): every section shows what the "
                "trials have written so far.")
+    if d.has_metric() and len(d.done) < len(t):
+        s.text(f"Parameters, importance, IIA, cost and seeds use the {len(d.done)} finished or stopped trials only: "
+               f"the other trials' {d.metric} is an intermediate value (or none).")
     for note in d.notes:
         s.text("Note: " + note)
     return s
@@ -83,27 +95,28 @@ def overview(d: SweepData) -> Section:
 
 def leaderboard(d: SweepData) -> Section:
     s = Section("leaderboard", "Leaderboard",
-                "Trials sorted by the ranking metric, best first; trials without it (running, failed) last. Every "
+                "Finished and stopped trials sorted by the ranking metric, best first; the others (running, "
+                "failed, interrupted: their metric is an intermediate value) and trials without it follow, "
+                "unranked ('–'). Every "
                 "benchmark score the trials reported is a column (bench/<task>/<metric>, means over evaluation "
                 "seeds). A teacher row and the fraction of the teacher–baseline gap each student closes "
                 "((student − baseline) / (teacher − baseline): 1 matches the teacher, 0 is no better than the "
                 "baseline) appear when the sweep has the teacher's scores and a baseline trial.")
     import pandas as pd
 
-    t = d.table
-    if d.has_metric():
-        t = t.sort_values(d.metric, ascending=d.mode == "min", na_position="last", kind="stable")
+    t, ranked = rank_order(d.table, d.metric, d.mode) if d.has_metric() else (d.table, 0)
     cols = ["trial", "status", "family"] + d.params + d.seed_params + [d.metric] + d.bench_columns
     cols += ["val/loss", "val/ppl", "val/iia/mean", "step", "runtime_s", "tokens"]
     cols = [c for c in dict.fromkeys(cols) if c and c in t.columns]
     board = t[cols].copy()
-    board.insert(0, "rank", range(1, len(board) + 1))
+    board.insert(0, "rank", [str(i + 1) if i < ranked else "–" for i in range(len(board))])
     if d.teacher:
         teacher_row = {c: d.teacher.get(c) for c in cols}
         teacher_row.update(rank="", trial="teacher", status="", family="teacher")
         board = pd.concat([pd.DataFrame([teacher_row]), board], ignore_index=True)
     s.add_table(board)
-    baseline = t[t["family"] == "baseline"]
+    done = d.done
+    baseline = done[done["family"] == "baseline"]
     missing = []
     if not d.teacher:
         missing.append("the teacher's own benchmark scores (no teacher/bench.json: the sweep ran with "
@@ -134,8 +147,9 @@ def parameters(d: SweepData) -> Section:
                 "trend or a box far from the others marks a parameter that matters; overlapping clouds mean it "
                 "does not, at this number of trials. The parallel-coordinates view draws each trial as a line "
                 "across every parameter (each axis scaled to its range, extremes printed) and the metric.")
+    d = _finished(d)
     if not d.has_metric():
-        s.text(f"No trial has reported {d.metric} yet.")
+        s.text(f"No finished or stopped trial has reported {d.metric} yet.")
         return s
     if not d.params:
         s.text("The sweep varies no parameter other than seeds.")
@@ -155,8 +169,9 @@ def importance(d: SweepData) -> Section:
                 "when its values are shuffled (mean ± std over 10 shuffles). Near zero: the metric does not depend "
                 "on it within the swept range. With few trials this is a rough indication; the note gives the "
                 "number it rests on.")
+    d = _finished(d)
     if not d.has_metric():
-        s.text(f"No trial has reported {d.metric} yet.")
+        s.text(f"No finished or stopped trial has reported {d.metric} yet.")
         return s
     imp = S.parameter_importance(d.table, d.params, d.metric)
     s.text(f"Based on {imp.n_trials} trials with {d.metric}. " + imp.note
@@ -211,6 +226,7 @@ def iia(d: SweepData) -> Section:
                 "(val/iia/mean) against a downstream score; the title gives Spearman's rank correlation ρ, its "
                 "p-value and the number of trials. A consistent sign across scores, with a small p-value, "
                 "suggests IIA tracks quality; mind the direction of each score (perplexity: lower is better).")
+    d = _finished(d)
     x = "val/iia/mean"
     if x not in d.table.columns or d.table[x].notna().sum() == 0:
         s.text("No trial measured IIA (val/iia/mean): configure objectives.iit (weight 0 included) in the sweep.")
@@ -285,8 +301,9 @@ def seeds(d: SweepData) -> Section:
                 "compared on the seeds both ran (each family's mean at a seed; paired t-test and Wilcoxon "
                 "signed-rank test, scipy): a small p-value with a confidence interval of the difference that "
                 "excludes 0 means the families differ beyond seed noise.")
+    d = _finished(d)
     if not d.has_metric():
-        s.text(f"No trial has reported {d.metric} yet.")
+        s.text(f"No finished or stopped trial has reported {d.metric} yet.")
         return s
     table = S.replicate_intervals(d.table, d.metric)
     repeated = d.table["configuration"].duplicated(keep=False).any()

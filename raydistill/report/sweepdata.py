@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.report.store import SweepStore, display_location
-from raydistill.metric_direction import metric_direction
+from raydistill.ranking import DONE, metric_direction
 
 # Objectives that make a trial "IIT" or "TD"; anything else with a teacher is standard distillation.
 IIT_OBJECTIVES = ("iit", "iit_cosine")
@@ -60,9 +60,14 @@ class SweepData:
     def has_metric(self) -> bool:
         return bool(self.metric) and self.metric in self.table.columns and self.table[self.metric].notna().any()
 
+    @property
+    def done(self):
+        """The finished and stopped trials: a running, failed or interrupted trial's metric is an intermediate value."""
+        return self.table[self.table["status"].isin(DONE)] if "status" in self.table.columns else self.table
+
 
 def guess_mode(metric: str) -> str:
-    """The direction a trial metric's name says (``raydistill.metric_direction``); for any other column, lower is
+    """The direction a trial metric's name says (``raydistill.ranking``); for any other column, lower is
     better when its name says loss, time or error."""
     return metric_direction(metric) or ("min" if any(w in metric.lower() for w in LOWER_IS_BETTER) else "max")
 
@@ -141,6 +146,18 @@ def _short_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _configurations(table, params: list[str]) -> list[str]:
+    """Each row's configuration label, which groups replicates: the values to 4 significant digits, or in full
+    where two different configurations (learning rates sampled 1e-7 apart) would share the rounded label."""
+    rows = list(table[params].itertuples(index=False))
+    exact = [", ".join(f"{p.removeprefix('config/')}={v}" for p, v in zip(params, r)) for r in rows]
+    short = [", ".join(f"{p.removeprefix('config/')}={_short_value(v)}" for p, v in zip(params, r)) for r in rows]
+    owners: dict[str, set[str]] = {}
+    for label, full in zip(short, exact):
+        owners.setdefault(label, set()).add(full)
+    return [label if len(owners[label]) == 1 else full for label, full in zip(short, exact)]
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -203,7 +220,10 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
         for e in events:
             if e.get("event") == "end":
                 last = {**last, **{k: v for k, v in e.items() if k.startswith("bench/")}}
-        row["status"] = "finished" if ended else ("running" if results or events else "pending")
+        # Tune's error.txt: the trial failed (after an end event it is from an attempt that Tune retried).
+        failed = not ended and store.exists(f"{folder}/error.txt")
+        row["status"] = ("finished" if ended else "failed" if failed else
+                         "running" if results or events else "pending")
         for k, v in last.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in ("loss", "step")):
                 row[k] = v
@@ -291,8 +311,7 @@ def load_sweep(location: str, metric: str | None = None, mode: str | None = None
     seed_params = [c for c in config_cols if c.rsplit(".", 1)[-1].endswith("seed")]
     params = [c for c in config_cols if c not in seed_params]
     # A configuration: every swept value except seeds; trials sharing one are replicates.
-    table["configuration"] = ([", ".join(f"{p.removeprefix('config/')}={_short_value(v)}" for p, v in zip(params, r))
-                               for r in table[params].itertuples(index=False)] if params else "all")
+    table["configuration"] = _configurations(table, params) if params else "all"
     space = (spec or {}).get("space") or {}
     log_params = {f"config/{p}" for p, d in space.items() if isinstance(d, dict) and "loguniform" in d}
 

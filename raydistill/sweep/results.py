@@ -14,6 +14,7 @@ import yaml
 
 from raydistill.errors import ConfigError
 from raydistill.fsutil import swap_dir, write_atomic, write_text_atomic
+from raydistill.ranking import DONE, rank_order
 from raydistill.sweep.spec import Sweep, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -37,18 +38,22 @@ def trial_status(trial, ended: bool = False) -> str:
     return "finished" if last.get("finished") else "stopped"  # stopped early by the scheduler
 
 
-def _ended(sweep: Sweep, trial) -> bool:
+def _ended(sweep: Sweep, trial) -> dict[str, Any] | None:
+    """The trial's saved last report when its own log says it finished but Tune never heard it, else None."""
     from raydistill.sweep.trial import finished_result
 
     last = trial.last_result or {}
     if last.get("finished") or not sweep.is_local or trial.status in ("PENDING", "ERROR"):
-        return False
-    return finished_result(Path(sweep.dir) / f"trial_{trial.trial_id}") is not None
+        return None
+    return finished_result(Path(sweep.dir) / f"trial_{trial.trial_id}")
 
 
 def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
     last = dict(trial.last_result or {})
-    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial, _ended(sweep, trial))}
+    final = _ended(sweep, trial)
+    if final is not None:  # Tune's last result is a training report: no bench scores, no export_dir
+        last = {**last, **final}
+    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial, final is not None)}
     for d in sweep.dims:
         value = trial.config.get(d.path)
         row[f"config/{d.path}"] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
@@ -56,7 +61,7 @@ def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
     for k, v in sorted(last.items()):
         if k not in _TUNE_KEYS and k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
             row[k] = v
-    row["runtime_s"] = round(float(last.get("time_total_s", 0.0)), 2)
+    row["runtime_s"] = round(float(last["time_total_s"]), 2) if "time_total_s" in last else None  # pending: none yet
     row["checkpoint_path"] = last.get("export_dir") or last.get("checkpoint_path")
     row["trial_dir"] = getattr(trial, "path", None) or ""
     error = getattr(trial, "error_file", None) or ""
@@ -219,17 +224,16 @@ def _sortable(value) -> bool:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    done = [r for r in rows if r["status"] in ("finished", "stopped") and _sortable(r.get(metric))]
+    done = [r for r in rows if r["status"] in DONE and _sortable(r.get(metric))]
     if not done:
         return None
     return (min if mode == "min" else max)(done, key=lambda r: r[metric])
 
 
 def leaderboard(frame, metric: str, mode: str):
-    """Trials sorted by the metric (best first; trials without it last)."""
-    if metric not in frame.columns:
-        return frame
-    return frame.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    """Finished and stopped trials sorted by the metric (best first, as best_row), then every other trial (running,
+    failed, interrupted: their metric is an intermediate value) and those without it, in table order."""
+    return rank_order(frame, metric, mode)[0]
 
 
 def write_best(sweep: Sweep, directory: str | Path, row: dict[str, Any], trial_config: dict) -> dict[str, str]:
@@ -295,16 +299,16 @@ def load_saved_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = 
 def format_leaderboard(frame, sweep: Sweep, limit: int | None = None) -> str:
     """A plain-text leaderboard: rank, trial, status, swept values, the metric and the benchmark scores."""
     metric = sweep.spec.metric
-    board = leaderboard(frame, metric, sweep.spec.mode)
+    board, ranked = rank_order(frame, metric, sweep.spec.mode)
     if limit:
         board = board.head(limit)
     cols = ["trial", "status", "step"] + [c for c in board.columns if c.startswith("config/")]
-    cols += [c for c in [metric, "val/loss", "val/ppl", "val/iia/mean", "val/rougeL"] if c in board.columns
-             and c not in cols]
-    cols += [c for c in board.columns if _headline(c) and c not in cols]
+    cols += [metric, "val/loss", "val/ppl", "val/iia/mean", "val/rougeL"]
+    cols += [c for c in board.columns if _headline(c)]
     cols += ["runtime_s"]
-    return render(board, [c for c in cols if c in board.columns], title=f"sweep {sweep.spec.name}: {metric} "
-                  f"({sweep.spec.mode})")
+    # dict.fromkeys: the metric is often also one of the usual columns (val/loss), shown once.
+    return render(board, [c for c in dict.fromkeys(cols) if c in board.columns], ranked=ranked,
+                  title=f"sweep {sweep.spec.name}: {metric} ({sweep.spec.mode})")
 
 
 def _headline(column: str) -> bool:
@@ -324,13 +328,17 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        # Whole numbers and those from 10^4 up to the unit: .4g would print step 12345 (a float column as soon as
+        # one trial has no step) as 1.234e+04.
+        return f"{v:.0f}" if abs(v) < 1e15 and (v.is_integer() or abs(v) >= 1e4) else f"{v:.4g}"
     return str(v)
 
 
-def render(frame, cols: list[str], title: str = "") -> str:
+def render(frame, cols: list[str], title: str = "", ranked: int | None = None) -> str:
+    """A text table numbered from 1; with ``ranked``, the rows after the first ``ranked`` are unranked ('-')."""
     headers = ["#"] + [c.removeprefix("config/") for c in cols]
-    body = [[str(i + 1)] + [_fmt(v) for v in row] for i, row in enumerate(frame[cols].itertuples(index=False))]
+    body = [[str(i + 1) if ranked is None or i < ranked else "-"] + [_fmt(v) for v in row]
+            for i, row in enumerate(frame[cols].itertuples(index=False))]
     widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])] + [line(r) for r in body]

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from raydistill.config import (ExperimentConfig, Strict, apply_overrides, check_run_name, load_yaml, validate_config,
                                yaml_dump)
 from raydistill.errors import ConfigError
-from raydistill.metric_direction import checked_mode
+from raydistill.ranking import checked_mode
 from raydistill.sweep.space import Dimension, parse_space, set_path
 
 TRAIN_METRICS = ("loss", "lr", "tokens_per_s", "step_time_s", "step")
@@ -263,7 +263,7 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
 
 
 def _resolve_modes(spec: SweepSpec) -> None:
-    """Every mode set to the direction its metric improves in (``raydistill.metric_direction``): a scheduler
+    """Every mode set to the direction its metric improves in (``raydistill.ranking``): a scheduler
     on another metric than the sweep's never borrows the sweep's mode."""
     spec.mode = checked_mode(spec.metric, spec.mode, "mode")
     s = spec.scheduler

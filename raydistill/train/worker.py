@@ -50,6 +50,8 @@ from raydistill.train.schedule import lr_lambda
 from raydistill.train.step import DistillModule
 
 CKPT_TAG = "state"
+# The step's non-padding tokens, summed over workers with the logged values (popped before they are logged).
+TOKENS_KEY = "_tokens"
 
 
 class _ResumeChoice:
@@ -375,8 +377,9 @@ class Worker:
                    ) -> tuple[list[str], torch.Tensor, int]:
         """One optimiser step over ``grad_accum`` micro-batches (``cpu``: ``micro_batches(step)``, ``moved``: the
         same on the device). Returns the logged keys, their values as one device vector (the step's means over
-        all micro-batches and workers, see ``raydistill.train.step``; read at the logging interval, so a step
-        never waits for the device), and the step's tokens over all workers (counted on the CPU batches)."""
+        all micro-batches and workers, see ``raydistill.train.step``, and under ``TOKENS_KEY`` the step's tokens
+        over all workers; read at the logging interval, so a step never waits for the device), and this rank's
+        tokens (counted on the CPU batches)."""
         t = self.cfg.train
         micro_batches = []
         tokens = 0
@@ -416,8 +419,10 @@ class Worker:
                 logs["on_policy"] = torch.tensor(float(generated) * share, device=self.device)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+        # Ranks differ in non-padding tokens (prompt + response rows): their sum rides on this all-reduce.
+        sums[TOKENS_KEY] = float(tokens)
         keys, values = self._all_reduce_vector(sums)
-        return keys, values, tokens * self.world
+        return keys, values, tokens
 
     @staticmethod
     def _read(pending: list[tuple[int, list[str], torch.Tensor, bool]]) -> list[tuple[int, dict[str, float], bool]]:
@@ -633,19 +638,21 @@ class Worker:
         watch = DivergenceWatch(t.divergence, t.divergence_factor)
         progress = ProgressPrinter(self.output_dir / "metrics.jsonl", t.max_steps, start, enabled=self.is_main)
         m = self.monitor
-        self.series = RunMetrics(m.run, m.trial, self.rank, self.world, t.max_steps, self.flops_per_token,
+        self.series = RunMetrics(m.run, m.trial, self.rank, t.max_steps, self.flops_per_token,
                                  m.peak_flops or device_peak_flops(self.device, t.precision), self.device,
                                  enabled=m.metrics)
         training = phases.PRETRAINING if self.plan.mode == "teacher" else phases.TRAINING
         if self.is_main:
             m.post(phase=training, done=start, total=t.max_steps)
-        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        # Tokens over all workers, this rank's tokens, steps, and the start of the timing window since the last row.
+        window_tokens, rank_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         # Logged values stay on the device until a row is due: one read (and device synchronisation) per
         # logging interval instead of one per step. The guard and the divergence watch then see every step's
         # values in order, so a failure still names its step and the last row is that step's (nothing is
         # checkpointed, evaluated or reported before the read). Under train.nonfinite=skip each step reads its
         # non-finite flag anyway, so every step is read as it ends and a skipped step gets its row as before.
         pending: list[tuple[int, list[str], torch.Tensor, bool]] = []
+        lrs: dict[int, float] = {}  # each pending step's lr
         prefetch = Prefetcher(self.micro_batches, range(start + 1, t.max_steps + 1), self.device)
         try:
             for step in range(start + 1, t.max_steps + 1):
@@ -654,9 +661,11 @@ class Worker:
                     marker.touch()
                     raise RuntimeError(f"train.fail_at_step={step}: simulated failure (testing aid)")
                 skipped_before = self.engine.skipped_steps
+                # The lr this step applies: DeepSpeed's engine.step() advances the schedule after the update.
+                lrs[step] = self.scheduler.get_last_lr()[0]
                 keys, values, tokens = self.train_step(step, *prefetch.get(step))
                 pending.append((step, keys, values, self.engine.skipped_steps == skipped_before))
-                window_tokens += tokens
+                rank_tokens += tokens
                 window_steps += 1
                 last = step == t.max_steps
                 scheduled = step % t.log_every == 0 or last
@@ -669,7 +678,9 @@ class Worker:
                     continue
                 # The values are reduced over workers: every rank reaches the same verdicts.
                 failure, noted, row_step, logs = None, False, step, {}
-                for row_step, logs, applied in self._read(pending):
+                read = self._read(pending)
+                window_tokens += sum(values.pop(TOKENS_KEY) for _, values, _ in read)
+                for row_step, logs, applied in read:
                     try:
                         note = guard.check(row_step, logs, applied=applied, checkpoint_step=self.checkpoint_step)
                         note = note or watch.check(row_step, logs.get("loss"))
@@ -681,25 +692,31 @@ class Worker:
                     if failure is not None:
                         break
                 pending.clear()
+                lr = lrs[row_step]
+                lrs.clear()
                 if not (scheduled or do_report or noted or failure is not None):
                     continue
                 if failure is not None:
                     last = do_eval = do_ckpt = do_report = False
                 step = row_step
                 elapsed = time.perf_counter() - window_start
-                metrics = {"step": step, **logs, "lr": self.scheduler.get_last_lr()[0],
+                metrics = {"step": step, **logs, "lr": lr,
                            "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
                            "peak_memory_bytes": peak_memory_bytes(self.device)}
                 if guard.skipped:
                     metrics["skipped_steps"] = guard.skipped
                 if watch.diverged_at:
                     metrics["diverged_at_step"] = watch.diverged_at
-                rank_tokens = window_tokens // self.world
-                window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+                logged_tokens = rank_tokens
+                # Evaluation, checkpoint and Ray report time below is taken out of the next window (window_start
+                # moves on by it), so a row's step time is training alone; logging stays in it.
+                window_tokens, rank_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                 if do_eval:
                     if self.is_main:
                         m.post(phase=phases.VALIDATION)
+                    begun = time.perf_counter()
                     metrics.update(self.evaluate())
+                    window_start += time.perf_counter() - begun
                     # Weights that give a non-finite validation loss are corrupt: never export them. Skipping
                     # non-finite steps, only the student's own cross-entropy counts (an objective may stay NaN).
                     bad = nonfinite({k: v for k, v in metrics.items() if k.startswith("val/")
@@ -712,7 +729,7 @@ class Worker:
                                                  if self.checkpoint_step else "no checkpoint was written before it"))
                         do_ckpt = False
                 progress.log(metrics)
-                self.series.log(metrics, [k for k in logs if k != "on_policy"], rank_tokens)
+                self.series.log(metrics, [k for k in logs if k != "on_policy"], logged_tokens, elapsed)
                 if self.is_main:
                     m.post(phase=training, done=step, total=t.max_steps, detail=_detail(metrics))
                 if last and failure is None:  # before the final checkpoint: a rerun must not export it either
@@ -728,9 +745,13 @@ class Worker:
                         m.post(phase=phases.CHECKPOINT)
                     begun = time.perf_counter()
                     self.checkpoint_and_report(step, metrics)
-                    self.series.duration("checkpoint", time.perf_counter() - begun)
+                    spent = time.perf_counter() - begun
+                    self.series.duration("checkpoint", spent)
+                    window_start += spent
                 elif do_report:
+                    begun = time.perf_counter()
                     ray.train.report(metrics)
+                    window_start += time.perf_counter() - begun
         finally:
             prefetch.close()
         guard.check_trained(t.max_steps, self.engine.global_steps, self.engine.skipped_steps)

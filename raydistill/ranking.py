@@ -1,11 +1,14 @@
-"""Which way each metric a trial reports improves: what the sweep's ``mode`` and a scheduler's must be.
+"""How sweep trials are ranked: the direction each metric improves in (what the sweep's ``mode`` and a
+scheduler's must be), which trials rank, and their order.
 
 A wrong direction silently makes a sweep keep its worst trials (and a scheduler stop its best), so the
 direction is derived from the metric's name wherever the name says it, and a sweep file that contradicts it
 is refused. Metric names are those of ``raydistill.sweep.spec.reported_metric_names``: training rows
 (``loss``, each objective's term, ``tokens_per_s``, ...), validation (``val/loss``, ``val/ce``, ``val/ppl``,
 ``val/<objective>``, ``val/iia/...``, ``val/rouge...``) and benchmark scores (``bench/<task>/<metric>``).
-Imports nothing heavy: the report uses it on machines without torch."""
+Only finished trials and those a scheduler stopped rank: a running, failed or interrupted trial's metric is an
+intermediate value, so it follows them unranked. Imports nothing heavy: the report uses it on machines without
+torch."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Literal
 from raydistill.errors import ConfigError
 
 Mode = Literal["min", "max"]
+# Statuses whose metric is a trial's last one: only these rank.
+DONE = ("finished", "stopped")
 
 # Benchmark scores (raydistill.eval.tasks) that are better when higher; perplexity is the one that is not.
 HIGHER_SCORES = frozenset({"accuracy", "f1", "matthews_corr", "pearson", "spearman", "exact_match", "entity_f1",
@@ -55,3 +60,14 @@ def checked_mode(metric: str, mode: str | None, field: str) -> Mode:
         raise ConfigError(f"{field} {mode!r} for {metric!r}, which is better when {better}: the sweep would keep "
                           f"its worst trials; allowed: {known} (or leave {field} out)")
     return mode  # type: ignore[return-value]
+
+
+def rank_order(frame, metric: str, mode: str):
+    """(``frame`` ordered for a leaderboard, how many of its first rows rank): finished and stopped trials by the
+    metric, best first; then every other trial and those without the metric, in table order. A pandas frame
+    with a ``status`` column (without one, every row counts as done)."""
+    if metric not in frame.columns:
+        return frame, 0
+    key = frame[metric].where(frame["status"].isin(DONE)) if "status" in frame.columns else frame[metric]
+    order = key.reset_index(drop=True).sort_values(ascending=mode == "min", na_position="last", kind="stable")
+    return frame.iloc[order.index], int(key.notna().sum())
