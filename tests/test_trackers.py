@@ -43,6 +43,8 @@ def test_progress_writes_tensorboard_events(tmp_path, capsys):
     p.log(_row(2))
     p.log(_row(4, **{"val/loss": 2.0, "val/ppl": 7.4, "val/iia/mean": 0.5, "lm/task": 0.3}))
     p.close()
+    # The terminal's speed is the row's, tok/s and s/step alike (not a mean since the start).
+    assert "| 400 tok/s | 0.10 s/step |" in capsys.readouterr().out.splitlines()[-1]
     scalars = read_scalars(tmp_path / TENSORBOARD_DIR)
     assert set(scalars) == {"loss", "task", "kd", "lr", "tokens_per_s", "step_time_s", "val/loss", "val/ppl",
                             "val/iia/mean", "lm/task"}

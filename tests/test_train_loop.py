@@ -220,7 +220,7 @@ def test_the_terminal_line_shows_every_objectives_term_and_its_stream_form(tmp_p
     assert set(REGISTRY) <= set(HEADLINE)
     p = ProgressPrinter(tmp_path / "metrics.jsonl", max_steps=4, start_step=0, enabled=True, tensorboard=False)
     p.log({"step": 1, "loss": 1.0, "iit_cosine": 0.5, "lm/iit_cosine": 0.25, "iit_cosine/layer0": 0.125,
-           "lr": 1e-3, "tokens_per_s": 10.0})
+           "lr": 1e-3, "tokens_per_s": 10.0, "step_time_s": 0.1})
     p.close()
     line = capsys.readouterr().out
     assert "iit_cosine 0.5 " in line and "lm/iit_cosine 0.25 " in line

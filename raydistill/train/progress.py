@@ -95,12 +95,14 @@ class ProgressPrinter:
             self.writer.flush()  # as metrics.jsonl's lines: what was logged survives a crashed worker
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
+        # The ETA from the mean since the start (evaluations and checkpoints included, as the rest will have them);
+        # s/step is the row's, as tok/s: the current speed.
         eta = timedelta(seconds=int(elapsed / max(done, 1) * (self.max_steps - step)))
         terms = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if _headline(k))
         extra = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k.startswith("val/") and k.count("/") == 1
                          and k[4:] in ("loss", "ppl", "rougeL"))
         print(f"[raydistill] step {step}/{self.max_steps} | {terms} | lr {metrics['lr']:.2e} | "
-              f"{metrics['tokens_per_s']:.0f} tok/s | {elapsed / max(done, 1):.2f} s/step | ETA {eta}"
+              f"{metrics['tokens_per_s']:.0f} tok/s | {metrics['step_time_s']:.2f} s/step | ETA {eta}"
               + (f" | {extra}" if extra else ""), flush=True)
 
     def close(self) -> None:
