@@ -168,6 +168,8 @@ def test_failed_trials_are_reported_and_an_interrupted_then_killed_sweep_never_r
     assert "Trial task failed" not in out and "Traceback" not in out, out[-3000:]
     for value in (2.0, 1.0):  # never run twice: one start each, the resumes only restored them
         assert starts(directory / f"trial_{frame.loc[value, 'trial']}") == 1
+        # its runtime is its own run's (a Ray Train run and its scoring), not the restoring session's few seconds
+        assert frame.loc[value, "runtime_s"] > 10, frame.to_dict("records")
     assert frame["bench/builtin-ppl/perplexity"].notna().sum() == 2
     assert not (directory / ".interrupted").exists()
     # The teacher was scored once on the same task, in the trials' bench.json format; a resume reuses the scores

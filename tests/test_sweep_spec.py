@@ -264,7 +264,7 @@ def test_a_trial_that_ended_before_tune_heard_reports_its_saved_final_result(tmp
     tdir.mkdir(parents=True)
     (tdir / "final_result.json").write_text(json.dumps({"val/loss": 1.5, "bench/builtin-qa/f1": 0.9, "step": 10,
                                                         "export_dir": str(tdir / "student"), "finished": 1,
-                                                        "time_total_s": 300.0}))
+                                                        "runtime_s": 300.0}))
     (tdir / "trial.jsonl").write_text('{"event": "start"}\n{"event": "end", "bench/builtin-qa/f1": 0.9}\n')
     # Tune's last result is the last training report: interrupted right after the driver's end event.
     a = SimpleNamespace(trial_id="A", status="RUNNING", config={"train.lr": 1e-3}, path=str(tdir), error_file=None,
@@ -274,7 +274,12 @@ def test_a_trial_that_ended_before_tune_heard_reports_its_saved_final_result(tmp
                                      "export_dir": "/x", "time_total_s": 310.0})
     pending = SimpleNamespace(trial_id="C", status="PENDING", config={"train.lr": 2e-3}, path="", error_file=None,
                               last_result={})
-    rows = [R.trial_row(sweep, t) for t in (a, b, pending)]
+    # Finished in an earlier session, reported again by a resume: Tune timed only the few seconds of that.
+    restored = SimpleNamespace(trial_id="D", status="TERMINATED", config={"train.lr": 3e-3}, path="", error_file=None,
+                               last_result={"step": 10, "bench/builtin-qa/f1": 0.5, "finished": 1, "runtime_s": 27.1,
+                                            "time_total_s": 3.4})
+    rows = [R.trial_row(sweep, t) for t in (a, b, pending, restored)]
+    assert rows[3]["runtime_s"] == 27.1 and rows[1]["runtime_s"] == 310.0  # the trial's own time, else Tune's
     assert rows[0]["status"] == "finished" and rows[0]["bench/builtin-qa/f1"] == 0.9
     assert rows[0]["checkpoint_path"] == str(tdir / "student") and rows[0]["runtime_s"] == 300.0
     assert R.best_row(rows, sweep.spec.metric, sweep.spec.mode)["trial"] == "A"

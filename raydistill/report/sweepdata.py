@@ -227,8 +227,9 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
         for k, v in last.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in ("loss", "step")):
                 row[k] = v
-        if "time_total_s" in last:
-            row["runtime_s"] = round(float(last["time_total_s"]), 2)
+        runtime = last.get("runtime_s", last.get("time_total_s"))  # the trial's own wall time first, as results.csv
+        if runtime is not None:
+            row["runtime_s"] = round(float(runtime), 2)
         row["trial_dir"] = store.path(folder)
         rows.append(row)
     return rows

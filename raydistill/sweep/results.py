@@ -61,7 +61,10 @@ def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
     for k, v in sorted(last.items()):
         if k not in _TUNE_KEYS and k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
             row[k] = v
-    row["runtime_s"] = round(float(last["time_total_s"]), 2) if "time_total_s" in last else None  # pending: none yet
+    # The trial's own wall time where it reported one (kept by a finished trial a resume reports again), else
+    # Tune's; a pending trial has none yet.
+    runtime = last.get("runtime_s", last.get("time_total_s"))
+    row["runtime_s"] = round(float(runtime), 2) if runtime is not None else None
     row["checkpoint_path"] = last.get("export_dir") or last.get("checkpoint_path")
     row["trial_dir"] = getattr(trial, "path", None) or ""
     error = getattr(trial, "error_file", None) or ""

@@ -139,6 +139,7 @@ def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float
     _wait_if_interrupted(sweep)
     trial_id = ctx.get_trial_id()
     monitor = replace(monitor or Monitor(run=sweep.spec.name), trial=trial_id, key=trial_id)
+    begun = time.monotonic()
     done = finished_result(trial_dir)
     if done is not None:  # finished before the sweep was interrupted or killed: report it again, run nothing
         _log(trial_dir, "restored", trial_id=trial_id)
@@ -163,7 +164,10 @@ def trial_driver(config: dict[str, Any], sweep: Sweep, resource_timeout_s: float
     export_dir = plan.export_dir if sweep.is_local else upload_outputs(sweep, trial_dir, plan.export_dir)
     cache = {f"teacher_cache/{k}": plan.teacher_cache.stats[k] for k in ("reused_files", "computed_files")} \
         if plan.teacher_cache is not None else {}
-    result = {**final, **scores, **cache, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1}
+    # runtime_s: the trial's own wall time, saved with its result, so a resumed sweep that reports a finished trial
+    # again keeps it (Tune's time_total_s then counts only the restored session's few seconds).
+    result = {**final, **scores, **cache, "step": cfg.train.max_steps, "export_dir": export_dir, "finished": 1,
+              "runtime_s": round(time.monotonic() - begun, 2)}
     # Saved, then the end event, then reported: once the end event exists the trial never runs again.
     write_text_atomic(trial_dir / FINAL_RESULT, json.dumps(result))
     _log(trial_dir, "end", **scores)
