@@ -1,5 +1,5 @@
 """How sweep trials are ranked: the direction each metric improves in (what the sweep's ``mode`` and a
-scheduler's must be), which trials rank, and their order.
+scheduler's must be), which trials rank, their order, and how a leaderboard prints their values.
 
 A wrong direction silently makes a sweep keep its worst trials (and a scheduler stop its best), so the
 direction is derived from the metric's name wherever the name says it, and a sweep file that contradicts it
@@ -12,6 +12,7 @@ torch."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from raydistill.errors import ConfigError
@@ -71,3 +72,15 @@ def rank_order(frame, metric: str, mode: str):
     key = frame[metric].where(frame["status"].isin(DONE)) if "status" in frame.columns else frame[metric]
     order = key.reset_index(drop=True).sort_values(ascending=mode == "min", na_position="last", kind="stable")
     return frame.iloc[order.index], int(key.notna().sum())
+
+
+def leaderboard_value(value, missing: str = "-") -> str:
+    """A leaderboard cell (``raydistill results`` and the report): ``missing`` for none, floats to 4 significant
+    digits, but whole numbers and those from 10^4 up to the unit: .4g would print step 12345 (a float column as
+    soon as one trial has no step) as 1.234e+04."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    if isinstance(value, float):
+        whole = abs(value) < 1e15 and (value.is_integer() or abs(value) >= 1e4)
+        return f"{value:.0f}" if whole else f"{value:.4g}"
+    return str(value)

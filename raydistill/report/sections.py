@@ -3,14 +3,12 @@ tables, figures), built from a ``SweepData``. The HTML and Markdown writers only
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raydistill.report import figures as F
 from raydistill.report import stats as S
-from raydistill.ranking import rank_order
+from raydistill.ranking import leaderboard_value, rank_order
 from raydistill.report.sweepdata import BOOKKEEPING, SweepData
 
 # Section ids, in order: the tests check that every one is present.
@@ -45,22 +43,15 @@ class Section:
 def display(frame):
     """Numbers to 4 significant digits (whole numbers and those from 10^4 up to the unit: a step or a runtime),
     missing values as '–', 'config/' dropped from column names."""
-    def fmt(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.0f}" if abs(v) < 1e15 and (v.is_integer() or abs(v) >= 1e4) else f"{v:.4g}"
-        return str(v)
-
     out = frame.copy()
     out.columns = [F.short(str(c)) for c in out.columns]
-    return out.apply(lambda col: col.map(fmt)) if len(out) else out
+    return out.apply(lambda col: col.map(lambda v: leaderboard_value(v, "–"))) if len(out) else out
 
 
 def _finished(d: SweepData) -> SweepData:
     """``d`` with its finished and stopped trials only: the statistics never mix a running, failed or interrupted
     trial's intermediate metric with final ones."""
-    return dataclasses.replace(d, table=d.done)
+    return replace(d, table=d.done)
 
 
 def _trial_label(row: dict) -> str:

@@ -14,7 +14,7 @@ import yaml
 
 from raydistill.errors import ConfigError
 from raydistill.fsutil import swap_dir, write_atomic, write_text_atomic
-from raydistill.ranking import DONE, rank_order
+from raydistill.ranking import DONE, leaderboard_value, rank_order
 from raydistill.sweep.spec import Sweep, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -327,20 +327,10 @@ def _headline(column: str) -> bool:
     return spec is not None and spec.metrics[0] == parts[2]
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        # Whole numbers and those from 10^4 up to the unit: .4g would print step 12345 (a float column as soon as
-        # one trial has no step) as 1.234e+04.
-        return f"{v:.0f}" if abs(v) < 1e15 and (v.is_integer() or abs(v) >= 1e4) else f"{v:.4g}"
-    return str(v)
-
-
 def render(frame, cols: list[str], title: str = "", ranked: int | None = None) -> str:
     """A text table numbered from 1; with ``ranked``, the rows after the first ``ranked`` are unranked ('-')."""
     headers = ["#"] + [c.removeprefix("config/") for c in cols]
-    body = [[str(i + 1) if ranked is None or i < ranked else "-"] + [_fmt(v) for v in row]
+    body = [[str(i + 1) if ranked is None or i < ranked else "-"] + [leaderboard_value(v) for v in row]
             for i, row in enumerate(frame[cols].itertuples(index=False))]
     widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
