@@ -1,6 +1,6 @@
-"""The numbers the step loop (``Worker._run``) writes into ``metrics.jsonl`` rows: the lr a step applied, tokens
-summed over ranks, step times without evaluations or checkpoints, and the terminal line's terms. The loop runs
-in-process with its heavy parts stubbed: no Ray cluster is started."""
+"""The numbers the step loop (``Worker._run``) writes into ``metrics.jsonl`` rows: the lr a step applied, terms
+averaged over the row's interval, tokens summed over ranks, step times without evaluations or checkpoints, and
+the terminal line's terms. The loop runs in-process with its heavy parts stubbed: no Ray cluster is started."""
 
 from __future__ import annotations
 
@@ -123,6 +123,26 @@ def test_a_relabelled_failing_rows_lr_is_its_own_steps(tmp_path, no_ray_report):
         w._run()
     (row,) = _rows(tmp_path)
     assert row["step"] == 2 and row["lr"] == 2.0
+
+
+def test_a_rows_terms_are_the_means_of_its_intervals_steps(tmp_path, no_ray_report):
+    """A row summarises the steps since the previous one, as its tokens_per_s does: each term is the mean of
+    those steps' values (over the steps that logged it), not the row step's own value."""
+    w = _loop_worker(tmp_path, max_steps=10, log_every=4)
+
+    def train_step(step, cpu, moved):
+        terms = {"loss": float(step), TOKENS_KEY: 3.0}
+        if step % 2 == 0:
+            terms["on_policy"] = 1.0 / step  # a term not every step logs
+        keys = sorted(terms)
+        return keys, torch.tensor([terms[k] for k in keys]), 3
+
+    w.train_step = train_step
+    w._run()
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [4, 8, 10]
+    assert [r["loss"] for r in rows] == pytest.approx([2.5, 6.5, 9.5])  # mean(1..4), mean(5..8), mean(9, 10)
+    assert [r["on_policy"] for r in rows] == pytest.approx([(1 / 2 + 1 / 4) / 2, (1 / 6 + 1 / 8) / 2, 1 / 10])
 
 
 def test_tokens_per_s_sums_every_ranks_tokens_and_the_rank_series_keeps_its_own(tmp_path, monkeypatch,

@@ -646,6 +646,10 @@ class Worker:
             m.post(phase=training, done=start, total=t.max_steps)
         # Tokens over all workers, this rank's tokens, steps, and the start of the timing window since the last row.
         window_tokens, rank_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        # Each logged term summed over the steps since the last row, and how many steps logged it: a row carries
+        # its interval's means (as tokens_per_s and step_time_s), not one step's noisy values.
+        term_sums: dict[str, float] = {}
+        term_steps: dict[str, int] = {}
         # Logged values stay on the device until a row is due: one read (and device synchronisation) per
         # logging interval instead of one per step. The guard and the divergence watch then see every step's
         # values in order, so a failure still names its step and the last row is that step's (nothing is
@@ -677,10 +681,13 @@ class Worker:
                 if not (scheduled or do_report or t.nonfinite == "skip"):
                     continue
                 # The values are reduced over workers: every rank reaches the same verdicts.
-                failure, noted, row_step, logs = None, False, step, {}
+                failure, noted, row_step = None, False, step
                 read = self._read(pending)
                 window_tokens += sum(values.pop(TOKENS_KEY) for _, values, _ in read)
                 for row_step, logs, applied in read:
+                    for k, v in logs.items():
+                        term_sums[k] = term_sums.get(k, 0.0) + v
+                        term_steps[k] = term_steps.get(k, 0) + 1
                     try:
                         note = guard.check(row_step, logs, applied=applied, checkpoint_step=self.checkpoint_step)
                         note = note or watch.check(row_step, logs.get("loss"))
@@ -700,6 +707,8 @@ class Worker:
                     last = do_eval = do_ckpt = do_report = False
                 step = row_step
                 elapsed = time.perf_counter() - window_start
+                logs = {k: total / term_steps[k] for k, total in term_sums.items()}
+                term_sums, term_steps = {}, {}
                 metrics = {"step": step, **logs, "lr": lr,
                            "tokens_per_s": window_tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
                            "peak_memory_bytes": peak_memory_bytes(self.device)}
