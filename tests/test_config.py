@@ -1,5 +1,6 @@
 """Configuration: round trip, dotted overrides, and specific errors for bad inputs (before Ray starts)."""
 
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,27 @@ assert import_deepspeed() is deepspeed
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_cpu_process_group_for_deepspeed_compiles_no_extension(tmp_path):
+    # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op (for tensor-parallel inference only)
+    # as its process group starts: ~40 s with g++ on a machine's first run, and no run at all without a compiler.
+    code = """
+import torch
+from raydistill.bench.throughput import one_process_group
+from raydistill.train.ds_config import import_deepspeed
+deepspeed = import_deepspeed()
+with one_process_group(torch.device("cpu")):
+    deepspeed.init_distributed(dist_backend="gloo")
+    import deepspeed.comm.comm as comm
+    assert comm.cdb.shm_comm_op is None
+    x = torch.ones(3)
+    deepspeed.comm.all_reduce(x)  # the collectives training uses still work
+    assert x.tolist() == [1.0, 1.0, 1.0]
+"""
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built successfully" not in proc.stdout, proc.stdout[-2000:]
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), sorted(extensions.rglob("*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -72,4 +73,18 @@ def import_deepspeed():
                 del sys.modules["mlflow"]
     import deepspeed
 
+    _skip_shm_comm_op()
     return deepspeed
+
+
+def _skip_shm_comm_op() -> None:
+    """Stop DeepSpeed's comm backend from building its shared-memory all-reduce op on CPU ranks. DeepSpeed builds
+    it (a C++ extension, compiled with g++ and ninja on the machine's first run: ~40 s and ~70 s of CPU on a
+    2-core VM, and a failed run where there is no compiler) whenever its process group starts on the CPU
+    accelerator, but only uses it in ``inference_all_reduce`` (tensor-parallel inference), which training never
+    calls. With no op, DeepSpeed keeps plain torch.distributed collectives, which training uses anyway. GPU ranks
+    never build it (the CUDA accelerator has no such builder). A DeepSpeed without this hook is left as it is."""
+    # (importlib: the attribute deepspeed.comm.torch is the torch package, not this module)
+    backend = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(backend, "build_shm_op", None)):
+        backend.build_shm_op = lambda: None
