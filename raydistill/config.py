@@ -466,6 +466,10 @@ class RaySpec(Strict):
     address: str | None = Field(None, description="existing cluster; default: RAY_ADDRESS or a new local one")
     dashboard: bool = True
     log_to_driver: bool = True
+    health_check_interval_s: float | None = Field(
+        None, gt=0, le=60, description="seconds between Ray Train's controller's polls of its workers "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a run starts and ends a few polls after its workers are ready or done; "
+        "default: that variable where set, else 0.5 (Ray's own default is 2)")
 
 
 class MonitoringSpec(Strict):

@@ -76,14 +76,18 @@ def test_distillation_loss_falls_and_export_reproduces_logits(ray_cluster, tmp_p
 
 def test_workers_start_with_the_malloc_settings_in_their_initial_environment(ray_cluster):
     """glibc reads MALLOC_ARENA_MAX once, as the process starts: it must be in the environment the worker
-    process was started with (/proc/self/environ), not only set later in Python."""
+    process was started with (/proc/self/environ), not only set later in Python. Ray Train's controller (an actor
+    in such a process) reads its poll interval there too."""
     import ray
 
     @ray.remote(num_cpus=1)
     def initial_environment() -> list[bytes]:
         return Path("/proc/self/environ").read_bytes().split(b"\0")
 
-    assert f"{launcher.ARENA_MAX}=1".encode() in ray.get(initial_environment.remote())
+    environment = ray.get(initial_environment.remote())
+    assert f"{launcher.ARENA_MAX}=1".encode() in environment
+    interval = launcher.health_check_interval(load_config(None, ["teacher.name=tiny-gpt2"]))
+    assert f"{launcher.HEALTH_CHECK}={interval}".encode() in environment
 
 
 def test_ray_trains_controller_unpickles_the_entry_without_the_model_code():

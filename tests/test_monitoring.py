@@ -314,3 +314,23 @@ def test_ray_trains_preemption_watcher_runs_only_on_a_cluster_raydistill_joins(m
     monkeypatch.setattr(launcher, "_USER_PREEMPTION_WATCHER", "1")  # the user's choice wins
     monkeypatch.delenv("RAY_ADDRESS")
     assert watcher() == "1"
+
+
+def test_ray_trains_poll_interval_is_the_configs_else_the_users_else_half_a_second(monkeypatch):
+    from raydistill.config import load_config
+    from raydistill.train import launcher
+
+    monkeypatch.setattr(launcher, "_USER_HEALTH_CHECK", None)
+
+    def interval(*overrides: str) -> str:
+        cfg = load_config(None, ["teacher.name=tiny-gpt2", *overrides])
+        assert launcher.worker_env(cfg)[launcher.HEALTH_CHECK] == launcher.ray_train_switches(cfg)[launcher.HEALTH_CHECK]
+        return launcher.worker_env(cfg)[launcher.HEALTH_CHECK]
+
+    assert interval() == "0.5"  # Ray's 2 s would add ~5 s to every run's start and end
+    assert interval("ray.health_check_interval_s=2") == "2"
+    monkeypatch.setattr(launcher, "_USER_HEALTH_CHECK", "1.5")  # the user's environment, unless the config says
+    assert interval() == "1.5"
+    assert interval("ray.health_check_interval_s=0.25") == "0.25"
+    with pytest.raises(ConfigError, match=r"ray\.health_check_interval_s.*0"):
+        load_config(None, ["teacher.name=tiny-gpt2", "ray.health_check_interval_s=0"])
