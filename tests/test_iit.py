@@ -375,7 +375,8 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
-import deepspeed
+from raydistill.train.ds_config import import_deepspeed
+deepspeed = import_deepspeed()  # as the workers import it (no JIT-compiled comm extension)
 sys.path.insert(0, sys.argv[1])
 from test_iit import REGISTRY, zero3_parts
 out = {}
