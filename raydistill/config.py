@@ -468,7 +468,7 @@ class RaySpec(Strict):
     log_to_driver: bool = True
     health_check_interval_s: float | None = Field(
         None, gt=0, le=60, description="seconds between Ray Train's controller's polls of its workers "
-        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a run starts and ends a few polls after its workers are ready or done; "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a run's end is noticed up to one poll after its workers are done; "
         "default: that variable where set, else 0.5 (Ray's own default is 2)")
 
 
