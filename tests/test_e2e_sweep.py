@@ -118,6 +118,14 @@ def test_asha_stops_a_weak_trial_and_the_sweep_frees_its_resources(tmp_path, cac
         assert f"{trial}/metrics.jsonl" in mine, mine
         assert any(p.startswith(f"{trial}/tensorboard/events.out.tfevents.") for p in mine), mine
         assert any(p.startswith(f"{trial}/events.out.tfevents.") for p in mine), mine
+    # A report of the sweep rebuilt without its results table (from the trial folders and Tune's experiment
+    # state) still tells the trial ASHA stopped from one still running.
+    from raydistill.report.sweepdata import load_sweep
+
+    for name in ("results.csv", "results.parquet"):
+        s3.delete_file(f"{root}/{name}")
+    rebuilt = load_sweep(directory).table
+    assert dict(zip(rebuilt["config/train.lr"], rebuilt["status"])) == status, rebuilt.to_dict("records")
 
 
 def test_failed_trials_are_reported_and_an_interrupted_then_killed_sweep_never_reruns_a_finished_trial(

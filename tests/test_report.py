@@ -405,6 +405,34 @@ def test_a_rebuilt_report_reads_tunes_error_file(tmp_path):
     assert "still running" not in md
 
 
+def test_a_rebuilt_report_tells_a_scheduler_stopped_trial_from_a_running_one(tmp_path):
+    """Without results.csv, a trial an early-stopping scheduler stopped has no end event of its own: Tune's
+    newest experiment state (its layout: each trial and its runtime metadata as JSON strings) says TERMINATED."""
+    directory = write_sweep(tmp_path, seeds=(0,), with_table=False, running="abc_00001")
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+
+    def state(name: str, statuses: dict[str, str]) -> None:
+        trial_data = [[json.dumps({"trial_id": tid, "status": status}), json.dumps({"last_result": {"step": 10}})]
+                      for tid, status in statuses.items()]
+        (directory / name).write_text(json.dumps({"trial_data": trial_data, "runner_data": {}, "stats": {}}))
+
+    def statuses(where: Path) -> dict[str, str]:
+        table = load_sweep(str(where)).table
+        return dict(zip(table["trial"], table["status"]))
+
+    # abc_00003 failed without an error.txt, an end event or a final result
+    (directory / "trial_abc_00003" / "trial.jsonl").write_text(json.dumps({"event": "start", "time": 1.0e9}) + "\n")
+    (directory / "trial_abc_00003" / "result.json").write_text(json.dumps({"step": 10}) + "\n")
+    state("experiment_state-2026-01-01_10-00-00.json", {"abc_00001": "RUNNING", "abc_00003": "ERROR"})
+    state("experiment_state-2026-01-01_11-00-00.json", {"abc_00001": "TERMINATED", "abc_00002": "ERROR",
+                                                        "abc_00003": "ERROR"})
+    # The newest state wins; an end event wins over Tune's ERROR (a retried attempt's), as in results.csv.
+    assert statuses(directory) == {"abc_00000": "finished", "abc_00001": "stopped", "abc_00002": "finished",
+                                   "abc_00003": "failed"}
+    assert statuses(copy)["abc_00001"] == "running"  # no experiment state: nothing says it stopped
+
+
 def test_report_command_errors_and_default_output(tmp_path):
     from typer.testing import CliRunner
 

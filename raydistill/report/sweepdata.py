@@ -6,12 +6,14 @@ Read from what sweeps write under STORAGE_PATH/NAME (see README, Sweeps): ``resu
 and ends), ``config.resolved.json`` (the trial's full config: objective family, seed, tokens per step).
 Where the results table is missing (not written yet, or an s3/gs sweep from before sweeps wrote it there),
 rows are rebuilt from each trial folder: Tune's ``params.json`` and ``result.json``, ``final_result.json`` where the
-trial driver saves it, and the files above.
+trial driver saves it, and the files above; Tune's newest ``experiment_state-*.json`` tells a trial a scheduler
+stopped from a running one.
 
 Nothing here imports the training code: a report can be built on a machine without torch."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,8 +203,26 @@ def _read_curves(store: SweepStore, folder: str):
     return frame
 
 
+def _tune_states(store: SweepStore) -> dict[str, tuple[str, dict]]:
+    """trial id -> (Tune's status, its last result) from Tune's newest experiment state file: the only record of
+    a trial a scheduler stopped (TERMINATED, no end event of its own). Empty when there is none."""
+    names = [n for n, kind in store.listdir() if kind == "file" and n.startswith("experiment_state-")
+             and n.endswith(".json")]
+    state = store.read_json(max(names)) if names else None  # the names end in a sortable timestamp
+    out: dict[str, tuple[str, dict]] = {}
+    for entry in (state or {}).get("trial_data", []):
+        try:
+            trial, runtime = (json.loads(x) if isinstance(x, str) else x for x in entry[:2])
+            out[str(trial["trial_id"])] = (str(trial["status"]), runtime.get("last_result") or {})
+        except (ValueError, TypeError, KeyError, AttributeError):  # another Tune's layout: the folders alone
+            continue
+    return out
+
+
 def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict | None) -> list[dict]:
-    """Results rows rebuilt from trial folders (Tune's params.json/result.json, trial.jsonl)."""
+    """Results rows rebuilt from trial folders (Tune's params.json/result.json, trial.jsonl) and Tune's
+    experiment state."""
+    tune_states = _tune_states(store)
     rows = []
     for folder in folders:
         tid = folder[len("trial_"):]
@@ -222,8 +242,15 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
                 last = {**last, **{k: v for k, v in e.items() if k.startswith("bench/")}}
         # Tune's error.txt: the trial failed (after an end event it is from an attempt that Tune retried).
         failed = not ended and store.exists(f"{folder}/error.txt")
-        row["status"] = ("finished" if ended else "failed" if failed else
-                         "running" if results or events else "pending")
+        tune_status, tune_last = tune_states.get(tid, ("", {}))
+        if ended:
+            row["status"] = "finished"
+        elif failed or tune_status == "ERROR":
+            row["status"] = "failed"
+        elif tune_status == "TERMINATED":  # as results.trial_status decides it
+            row["status"] = "finished" if tune_last.get("finished") else "stopped"
+        else:
+            row["status"] = "running" if results or events else "pending"
         for k, v in last.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in ("loss", "step")):
                 row[k] = v
