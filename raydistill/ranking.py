@@ -20,6 +20,8 @@ from raydistill.errors import ConfigError
 Mode = Literal["min", "max"]
 # Statuses whose metric is a trial's last one: only these rank.
 DONE = ("finished", "stopped")
+# Tune's trial statuses other than TERMINATED (finished or stopped, told apart by the last result).
+TUNE_STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
 
 # Benchmark scores (raydistill.eval.tasks) that are better when higher; perplexity is the one that is not.
 HIGHER_SCORES = frozenset({"accuracy", "f1", "matthews_corr", "pearson", "spearman", "exact_match", "entity_f1",
@@ -63,13 +65,32 @@ def checked_mode(metric: str, mode: str | None, field: str) -> Mode:
     return mode  # type: ignore[return-value]
 
 
+def trial_status(tune_status: str, last_result: dict, ended: bool = False) -> str:
+    """pending, running, finished, stopped (early, by the scheduler) or failed, from Tune's status and the trial's
+    last result. ``ended``: the trial's own log says it finished (its end event), whatever Tune last heard (a
+    sweep interrupted or killed right after). One rule for ``raydistill results`` and a report rebuilt from
+    Tune's files."""
+    if ended and tune_status != "ERROR":
+        return "finished"
+    if tune_status != "TERMINATED":
+        return TUNE_STATUS.get(tune_status, tune_status.lower())
+    return "finished" if last_result.get("finished") else "stopped"  # stopped early by the scheduler
+
+
+def done_mask(frame):
+    """Which rows of a pandas frame rank (finished or stopped); every row where there is no ``status`` column."""
+    import pandas as pd
+
+    return frame["status"].isin(DONE) if "status" in frame.columns else pd.Series(True, index=frame.index)
+
+
 def rank_order(frame, metric: str, mode: str):
     """(``frame`` ordered for a leaderboard, how many of its first rows rank): finished and stopped trials by the
     metric, best first; then every other trial and those without the metric, in table order. A pandas frame
     with a ``status`` column (without one, every row counts as done)."""
     if metric not in frame.columns:
         return frame, 0
-    key = frame[metric].where(frame["status"].isin(DONE)) if "status" in frame.columns else frame[metric]
+    key = frame[metric].where(done_mask(frame))
     order = key.reset_index(drop=True).sort_values(ascending=mode == "min", na_position="last", kind="stable")
     return frame.iloc[order.index], int(key.notna().sum())
 

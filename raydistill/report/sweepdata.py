@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.report.store import SweepStore, display_location
-from raydistill.ranking import DONE, metric_direction
+from raydistill.ranking import done_mask, metric_direction, trial_status
 
 # Objectives that make a trial "IIT" or "TD"; anything else with a teacher is standard distillation.
 IIT_OBJECTIVES = ("iit", "iit_cosine")
@@ -65,7 +65,7 @@ class SweepData:
     @property
     def done(self):
         """The finished and stopped trials: a running, failed or interrupted trial's metric is an intermediate value."""
-        return self.table[self.table["status"].isin(DONE)] if "status" in self.table.columns else self.table
+        return self.table[done_mask(self.table)]
 
 
 def guess_mode(metric: str) -> str:
@@ -240,15 +240,14 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
         for e in events:
             if e.get("event") == "end":
                 last = {**last, **{k: v for k, v in e.items() if k.startswith("bench/")}}
-        # Tune's error.txt: the trial failed (after an end event it is from an attempt that Tune retried).
-        failed = not ended and store.exists(f"{folder}/error.txt")
         tune_status, tune_last = tune_states.get(tid, ("", {}))
-        if ended:
+        if tune_status in ("TERMINATED", "ERROR"):  # Tune's last word on a trial that is over: as results.csv
+            row["status"] = trial_status(tune_status, tune_last, ended)
+        elif ended:
             row["status"] = "finished"
-        elif failed or tune_status == "ERROR":
+        # Tune's error.txt: the trial failed (after an end event it is from an attempt that Tune retried).
+        elif store.exists(f"{folder}/error.txt"):
             row["status"] = "failed"
-        elif tune_status == "TERMINATED":  # as results.trial_status decides it
-            row["status"] = "finished" if tune_last.get("finished") else "stopped"
         else:
             row["status"] = "running" if results or events else "pending"
         for k, v in last.items():

@@ -14,7 +14,7 @@ import yaml
 
 from raydistill.errors import ConfigError
 from raydistill.fsutil import swap_dir, write_atomic, write_text_atomic
-from raydistill.ranking import DONE, leaderboard_value, rank_order
+from raydistill.ranking import DONE, leaderboard_value, rank_order, trial_status
 from raydistill.sweep.spec import Sweep, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -24,18 +24,6 @@ _TUNE_KEYS = {"timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter
               "training_iteration", "trial_id", "experiment_tag", "config", "time_since_restore",
               "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint", "timesteps_total",
               "episodes_total", "timesteps_since_restore", "finished", "export_dir", "checkpoint_path"}
-STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
-
-
-def trial_status(trial, ended: bool = False) -> str:
-    """pending, running, finished, stopped (early, by the scheduler) or failed. ``ended``: the trial's own log
-    says it finished (its end event), whatever Tune last heard (a sweep interrupted or killed right after)."""
-    if ended and trial.status != "ERROR":
-        return "finished"
-    if trial.status != "TERMINATED":
-        return STATUS.get(trial.status, trial.status.lower())
-    last = trial.last_result or {}
-    return "finished" if last.get("finished") else "stopped"  # stopped early by the scheduler
 
 
 def _ended(sweep: Sweep, trial) -> dict[str, Any] | None:
@@ -53,7 +41,8 @@ def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
     final = _ended(sweep, trial)
     if final is not None:  # Tune's last result is a training report: no bench scores, no export_dir
         last = {**last, **final}
-    row: dict[str, Any] = {"trial": trial.trial_id, "status": trial_status(trial, final is not None)}
+    status = trial_status(trial.status, trial.last_result or {}, ended=final is not None)
+    row: dict[str, Any] = {"trial": trial.trial_id, "status": status}
     for d in sweep.dims:
         value = trial.config.get(d.path)
         row[f"config/{d.path}"] = value if value is None or isinstance(value, (str, int, float, bool)) else str(value)

@@ -63,7 +63,7 @@ class _Interrupt:
               "state (press Ctrl-C again to stop at once)", flush=True)
 
     def status(self, trial, status: str) -> str:
-        """``status`` (from ``results.trial_status``), or "interrupted" for a trial the signal cut short."""
+        """``status`` (from ``raydistill.ranking.trial_status``), or "interrupted" for a trial the signal cut short."""
         if not self.event.is_set() or status in ("finished", "failed", "pending"):
             return status
         if status == "running" or trial.trial_id not in self.ended:
