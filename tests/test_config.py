@@ -168,10 +168,13 @@ assert import_deepspeed() is deepspeed
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_a_cpu_process_group_for_deepspeed_compiles_no_extension(tmp_path):
+def test_a_cpu_process_group_for_deepspeed_compiles_no_extension_and_zero_loads_no_inductor(tmp_path):
     # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op (for tensor-parallel inference only)
     # as its process group starts: ~40 s with g++ on a machine's first run, and no run at all without a compiler.
+    # ZeRO's set-up imports DeepSpeed's Muon module, whose torch.compile decorators loaded torch's inductor
+    # (~1.1-1.6 s of each worker's deepspeed.initialize); Muon's kernels now compile on their first call.
     code = """
+import sys
 import torch
 from raydistill.bench.throughput import one_process_group
 from raydistill.train.ds_config import import_deepspeed
@@ -183,6 +186,21 @@ with one_process_group(torch.device("cpu")):
     x = torch.ones(3)
     deepspeed.comm.all_reduce(x)  # the collectives training uses still work
     assert x.tolist() == [1.0, 1.0, 1.0]
+    model = torch.nn.Linear(4, 2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9})
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    assert "deepspeed.runtime.zero.muon.original_muon" in sys.modules  # ZeRO did import Muon
+    assert "torch._inductor.compile_fx" not in sys.modules
+# Muon's kernels are still torch.compile'd, with the same options, at their first call.
+from deepspeed.runtime.zero.muon import original_muon
+compiled = []
+torch.compile = lambda fn, **options: compiled.append((fn.__name__, options)) or fn
+G = torch.randn(4, 3)
+assert compiled == []
+assert torch.equal(original_muon.zeropower_via_newtonschulz5(G, 2), original_muon.zeropower_via_newtonschulz5(G, 2))
+assert compiled == [("zeropower_via_newtonschulz5", {})], compiled
 """
     extensions = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}

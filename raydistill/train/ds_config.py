@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from typing import Any
@@ -74,6 +75,7 @@ def import_deepspeed():
     import deepspeed
 
     _skip_shm_comm_op()
+    _defer_muon_compile()
     return deepspeed
 
 
@@ -88,3 +90,33 @@ def _skip_shm_comm_op() -> None:
     backend = importlib.import_module("deepspeed.comm.torch")
     if callable(getattr(backend, "build_shm_op", None)):
         backend.build_shm_op = lambda: None
+
+
+def _defer_muon_compile() -> None:
+    """Make DeepSpeed's Muon kernels wrap themselves in ``torch.compile`` on their first call instead of at import.
+    ZeRO's optimizer set-up imports DeepSpeed's Muon module (for an isinstance check) whatever the optimizer, and its
+    ``@compiler.compile()`` decorators build ``torch.compile`` wrappers at import, which loads torch's inductor
+    (~550 modules): ~1.1-1.6 s of every worker's ``deepspeed.initialize`` on a 2-core VM. Compilation itself is
+    lazy in torch either way, so a Muon run compiles the same kernels at the same point, its first call. Only
+    Muon's kernels use this decorator; one already imported is left as it is."""
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    importlib.import_module("deepspeed.runtime.compiler").compile = lambda: _compile_on_first_call
+
+
+def _compile_on_first_call(fn=None, **options):
+    """``torch.compile(fn, **options)``, built when ``fn`` is first called."""
+    if fn is None:  # used as @torch.compile(**options)
+        return lambda f: _compile_on_first_call(f, **options)
+    import torch
+
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, **options)
+        return compiled(*args, **kwargs)
+
+    return call
