@@ -98,16 +98,15 @@ def _defer_muon_compile() -> None:
     ``@compiler.compile()`` decorators build ``torch.compile`` wrappers at import, which loads torch's inductor
     (~550 modules): ~1.1-1.6 s of every worker's ``deepspeed.initialize`` on a 2-core VM. Compilation itself is
     lazy in torch either way, so a Muon run compiles the same kernels at the same point, its first call. Only
-    Muon's kernels use this decorator; one already imported is left as it is."""
-    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
-        return
-    importlib.import_module("deepspeed.runtime.compiler").compile = lambda: _compile_on_first_call
+    Muon's kernels use this decorator. A Muon module already imported, or a DeepSpeed without this decorator, is
+    left as it is."""
+    compiler = sys.modules.get("deepspeed.runtime.compiler")
+    if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules and callable(getattr(compiler, "compile", None)):
+        compiler.compile = lambda: _compile_on_first_call
 
 
-def _compile_on_first_call(fn=None, **options):
+def _compile_on_first_call(fn, **options):
     """``torch.compile(fn, **options)``, built when ``fn`` is first called."""
-    if fn is None:  # used as @torch.compile(**options)
-        return lambda f: _compile_on_first_call(f, **options)
     import torch
 
     compiled = None
