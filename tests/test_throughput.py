@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raydistill.bench.throughput import (BareLoop, EngineLoop, _side, bench_config, bench_throughput, interleaved,
-                                         median_interval, one_process_group, paired_ratio, round_ratios)
+                                         median_interval, one_process_group, paired_ratio, round_ratios, steal_share)
 from raydistill.errors import ConfigError
 from raydistill.data.blocks import BatchSampler, Blocks, TokenInfo
 from raydistill.monitoring.metrics import (PEAK_FLOPS, counted_flops, flops_per_token, measured_gemm_flops, mfu,
@@ -155,6 +155,19 @@ def test_mfu_and_the_bench_columns_from_timed_windows():
     assert side["flops_per_s"] == pytest.approx(8e8)
     assert side["mfu"] == pytest.approx(0.08)
     assert side["peak_memory_bytes"] == 123 and side["windows"] == 3
+
+
+def test_steal_is_the_hypervisors_share_of_the_cpu_time_between_two_readings():
+    from collections import namedtuple
+
+    # Linux's fields (psutil): guest time is already inside user and nice, so it is not counted twice.
+    Times = namedtuple("Times", "user nice system idle iowait irq softirq steal guest guest_nice")
+    before = Times(100, 0, 20, 500, 1, 0, 1, 10, 5, 0)
+    after = Times(160, 0, 30, 520, 1, 0, 1, 20, 35, 0)  # 60 + 10 + 20 + 10 = 100 s elapsed, 10 s of it stolen
+    assert steal_share(before, after) == pytest.approx(0.10)
+    assert steal_share(before, before) is None  # no time elapsed
+    Mac = namedtuple("Mac", "user nice system idle")
+    assert steal_share(Mac(1, 0, 1, 1), Mac(2, 0, 2, 2)) is None  # no steal reported
 
 
 def test_each_round_compares_its_framework_run_with_the_bare_runs_on_either_side():

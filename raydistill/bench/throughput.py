@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from raydistill.bench.timeslice import SlicedRun
@@ -295,6 +296,18 @@ def _side(windows: list[tuple[float, int]], window: int, fpt: float, peak: float
             "window_step_times_s": [s / window for s, _ in windows]}
 
 
+def steal_share(before, after) -> float | None:
+    """The share of the machine's CPU time that the hypervisor gave to other guests (``steal``) between two
+    ``psutil.cpu_times()`` readings; None where the OS reports no steal time. On a shared VM a busy host slows
+    the framework's extra processes along with its worker, so the bench reports this beside its ratio."""
+    if not hasattr(before, "steal"):
+        return None
+    # guest time is already counted in user and nice (as psutil's own cpu_percent does)
+    total = lambda t: sum(t) - getattr(t, "guest", 0) - getattr(t, "guest_nice", 0)  # noqa: E731
+    elapsed = total(after) - total(before)
+    return (after.steal - before.steal) / elapsed if elapsed > 0 else None
+
+
 def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher_overrides: dict | None = None,
                      student_layers: int | None = None, batch_size: int | None = None, block_size: int | None = None,
                      precision: str | None = None, objectives: tuple[str, ...] = ("task", "kd"), zero_stage: int = 2,
@@ -320,6 +333,7 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
                  objectives=tuple(objectives), zero_stage=zero_stage, steps=steps or base["steps"], window=window)
     use_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    cpu_before = psutil.cpu_times()
     with tempfile.TemporaryDirectory() as tmp:
         # Every round's framework run writes its own run directory; the config is checked before anything runs.
         configs = [bench_config(f"{tmp}/run{r}", f"{tmp}/cache", use_gpu=use_gpu, overrides=tuple(overrides),
@@ -382,7 +396,8 @@ def bench_throughput(preset: str = "cpu", *, teacher: str | None = None, teacher
               # sliced (CPU): the median over every pair of every round; else the median of the rounds' ratios
               "ratio": statistics.median(pair_ratios or ratios) if ratios else None,
               "ratio_interval": median_interval(pair_ratios), "pairs": len(pair_ratios) or None,
-              "round_ratios": ratios or None, "deepspeed_ratio": deepspeed_ratio, "target": TARGET}
+              "round_ratios": ratios or None, "deepspeed_ratio": deepspeed_ratio, "target": TARGET,
+              "steal": steal_share(cpu_before, psutil.cpu_times())}
     result["table"] = _table(result)
     return result
 
@@ -418,4 +433,6 @@ def _table(r: dict) -> str:
     if r["deepspeed_ratio"] is not None:
         lines.append(f"of which DeepSpeed's engine (in this process, windows interleaved with the bare loop's): "
                      f"{r['deepspeed_ratio']:.3f}")
+    if r["steal"] is not None:
+        lines.append(f"CPU time the hypervisor gave to other guests during the bench (steal): {r['steal']:.1%}")
     return "\n".join(lines)
