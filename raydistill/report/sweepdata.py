@@ -241,10 +241,9 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
             if e.get("event") == "end":
                 last = {**last, **{k: v for k, v in e.items() if k.startswith("bench/")}}
         tune_status, tune_last = tune_states.get(tid, ("", {}))
-        if tune_status in ("TERMINATED", "ERROR"):  # Tune's last word on a trial that is over: as results.csv
+        # An end event, or Tune's last word on a trial that is over: the rule results.csv uses.
+        if ended or tune_status in ("TERMINATED", "ERROR"):
             row["status"] = trial_status(tune_status, tune_last, ended)
-        elif ended:
-            row["status"] = "finished"
         # Tune's error.txt: the trial failed (after an end event it is from an attempt that Tune retried).
         elif store.exists(f"{folder}/error.txt"):
             row["status"] = "failed"
