@@ -77,6 +77,13 @@ def trial_status(tune_status: str, last_result: dict, ended: bool = False) -> st
     return "finished" if last_result.get("finished") else "stopped"  # stopped early by the scheduler
 
 
+def trial_runtime_s(last_result: dict) -> float | None:
+    """A trial's wall time in seconds (2 decimals): raydistill's own ``runtime_s`` (its Ray Train run and its
+    scoring), else Tune's ``time_total_s``; None where neither was reported."""
+    runtime = last_result.get("runtime_s", last_result.get("time_total_s"))
+    return round(float(runtime), 2) if runtime is not None else None
+
+
 def done_mask(frame):
     """Which rows of a pandas frame rank (finished or stopped); every row where there is no ``status`` column."""
     import pandas as pd

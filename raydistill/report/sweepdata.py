@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.report.store import SweepStore, display_location
-from raydistill.ranking import done_mask, metric_direction, trial_status
+from raydistill.ranking import done_mask, metric_direction, trial_runtime_s, trial_status
 
 # Objectives that make a trial "IIT" or "TD"; anything else with a teacher is standard distillation.
 IIT_OBJECTIVES = ("iit", "iit_cosine")
@@ -252,9 +252,9 @@ def _rows_from_trial_folders(store: SweepStore, folders: list[str], spec: dict |
         for k, v in last.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("/" in k or k in ("loss", "step")):
                 row[k] = v
-        runtime = last.get("runtime_s", last.get("time_total_s"))  # the trial's own wall time first, as results.csv
+        runtime = trial_runtime_s(last)  # as results.csv
         if runtime is not None:
-            row["runtime_s"] = round(float(runtime), 2)
+            row["runtime_s"] = runtime
         row["trial_dir"] = store.path(folder)
         rows.append(row)
     return rows

@@ -14,7 +14,7 @@ import yaml
 
 from raydistill.errors import ConfigError
 from raydistill.fsutil import swap_dir, write_atomic, write_text_atomic
-from raydistill.ranking import DONE, leaderboard_value, rank_order, trial_status
+from raydistill.ranking import DONE, leaderboard_value, rank_order, trial_runtime_s, trial_status
 from raydistill.sweep.spec import Sweep, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -52,8 +52,7 @@ def trial_row(sweep: Sweep, trial) -> dict[str, Any]:
             row[k] = v
     # The trial's own wall time where it reported one (kept by a finished trial a resume reports again), else
     # Tune's; a pending trial has none yet.
-    runtime = last.get("runtime_s", last.get("time_total_s"))
-    row["runtime_s"] = round(float(runtime), 2) if runtime is not None else None
+    row["runtime_s"] = trial_runtime_s(last)
     row["checkpoint_path"] = last.get("export_dir") or last.get("checkpoint_path")
     row["trial_dir"] = getattr(trial, "path", None) or ""
     error = getattr(trial, "error_file", None) or ""
