@@ -4,6 +4,7 @@ cache's keys) with the same loss and gradients as computing them online, without
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raydistill.errors import ConfigError
@@ -44,6 +45,38 @@ def test_ties_are_broken_by_id_so_every_top_k_is_a_prefix_of_a_larger_one():
         assert torch.equal(teacher_topk(logits, big).ids[..., :k], teacher_topk(logits, k).ids)
     assert topk_ids(torch.zeros(1, 1, 10), 3).tolist() == [[[0, 1, 2]]]
     assert topk_ids(torch.tensor([[[-0.0, 0.0, -1.0, 3.0]]]), 2).tolist() == [[[3, 0]]]  # -0 == +0
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops whose result a GPU would have to hand to the host: reads of a value and outputs whose size
+    depends on the data."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_top_k_in_chunks_equals_one_chunk_and_reads_the_host_once_whatever_the_chunks(monkeypatch):
+    """Chunks bound the float32 normaliser's memory; the tie fix runs once after the last chunk, so a top-K over
+    many chunks waits for the device once (twice when there are ties to fix: their rows), not once per chunk."""
+    import raydistill.objectives.teacher_signals as ts
+
+    g = torch.Generator().manual_seed(3)
+    tied = (3 * torch.randn(4, 16, 3000, generator=g)).bfloat16()  # ties across the k-th place in some rows
+    untied = torch.randn(4, 16, 3000, generator=g, dtype=torch.float64).float()
+    whole = {name: teacher_topk(x, 16) for name, x in (("tied", tied), ("untied", untied))}
+    monkeypatch.setattr(ts, "_CHUNK_ELEMENTS", 5 * 3000)  # 13 chunks of 5 positions
+    for name, x, reads in (("tied", tied, 2), ("untied", untied, 1)):
+        with _HostReads() as mode:
+            got = teacher_topk(x, 16)
+        assert torch.equal(got.ids, whole[name].ids) and torch.equal(got.logprobs, whole[name].logprobs), name
+        assert mode.count == reads, (name, mode.count)
 
 
 def tiny_gpt2(seed):

@@ -61,11 +61,10 @@ def _canonical_rows(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(out) if out else logits.new_zeros((0, k), dtype=torch.long)
 
 
-def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids (B x T x min(k, V), int64) of the k largest logits per position, in the canonical order (module
-    doc). Works on ``logits`` in their own dtype; no vocabulary-sized tensor unless a tie crosses the k-th place."""
+def _ordered_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``topk_ids`` before its tie fix: (ids in the canonical order wherever no tie crosses the k-th place, the B x T
+    bool of positions where one does, or None when k covers the vocabulary). Reads nothing on the host."""
     vocab = logits.size(-1)
-    k = min(k, vocab)
     with torch.no_grad():
         values, ids = logits.topk(min(k + 1, vocab), dim=-1, sorted=True)
         if k < vocab:
@@ -76,29 +75,50 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         # Ties inside the set: order them by id (a stable sort by value after sorting by id).
         by_id = ids.sort(-1).indices
         ids, values = ids.gather(-1, by_id), values.gather(-1, by_id)
-        ids = ids.gather(-1, values.sort(dim=-1, descending=True, stable=True).indices)
-        if crossing is not None and bool(crossing.any()):
-            flat = ids.view(-1, k)
-            rows = crossing.view(-1).nonzero().squeeze(-1)
-            flat[rows] = _canonical_rows(logits.reshape(-1, vocab)[rows], k)
+        return ids.gather(-1, values.sort(dim=-1, descending=True, stable=True).indices), crossing
+
+
+def _fix_crossing_rows(flat_ids: torch.Tensor, logits: torch.Tensor, crossing: torch.Tensor | None) -> None:
+    """Redo, in place, the rows of ``flat_ids`` (N x k) whose tie crosses the k-th place, from ``logits`` (N
+    positions of V; reshaped only then, which copies non-contiguous logits). Its one host read (are there any?) is the only one of a top-k: on a GPU each read waits for the
+    device, so callers working in chunks gather the chunks' flags and call this once."""
+    if crossing is not None and bool(crossing.any()):
+        rows = crossing.view(-1).nonzero().squeeze(-1)
+        flat_ids[rows] = _canonical_rows(logits.reshape(-1, logits.size(-1))[rows], flat_ids.size(-1))
+
+
+def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids (B x T x min(k, V), int64) of the k largest logits per position, in the canonical order (module
+    doc). Works on ``logits`` in their own dtype; no vocabulary-sized tensor unless a tie crosses the k-th place."""
+    vocab = logits.size(-1)
+    k = min(k, vocab)
+    ids, crossing = _ordered_topk(logits, k)
+    with torch.no_grad():
+        _fix_crossing_rows(ids.view(-1, k), logits, crossing)
     return ids
 
 
 def teacher_topk(logits: torch.Tensor, k: int) -> TeacherTopK:
     """The teacher's top-``k`` signals from its B x T x V logits (module doc); k is capped at the vocabulary.
     Worked a bounded number of positions at a time (the float32 log-normaliser is vocabulary-sized), each
-    position's values independent of the others'."""
+    position's values independent of the others'; the ties across the k-th place are fixed after the last
+    chunk, with one host read in all."""
     vocab = logits.size(-1)
+    k = min(k, vocab)
     flat = logits.reshape(-1, vocab)
     parts = []
     with torch.no_grad():
         for rows in row_chunks(flat.size(0), vocab, _CHUNK_ELEMENTS):
             chunk = flat[rows]
-            ids = topk_ids(chunk, k)
+            ids, crossing = _ordered_topk(chunk, k)
             log_z = torch.logsumexp(chunk.float(), dim=-1, keepdim=True)
-            parts.append((chunk.gather(-1, ids).float() - log_z, ids))
-    shape = (*logits.shape[:-1], min(k, vocab))
-    return TeacherTopK(torch.cat([p[0] for p in parts]).view(shape), torch.cat([p[1] for p in parts]).view(shape))
+            parts.append((log_z, ids, crossing))
+        ids = torch.cat([p[1] for p in parts])
+        crossing = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        _fix_crossing_rows(ids, flat, crossing)
+        logprobs = flat.gather(-1, ids).float() - torch.cat([p[0] for p in parts])
+    shape = (*logits.shape[:-1], k)
+    return TeacherTopK(logprobs.view(shape), ids.view(shape))
 
 
 # ----------------------------------------------------------------------------------------------- tail samples
