@@ -61,6 +61,12 @@ def _check_layers(blocks: nn.ModuleList, layers: Iterable[int], what: str) -> No
 
 
 # ------------------------------------------------------------------------------------------ positions
+def _moved(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device``; a copy from the host is queued (non-blocking), as a blocking one would first wait
+    for the device to finish its queued work. Copies to the host stay blocking: their data is read next."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+
+
 @dataclass(frozen=True)
 class Positions:
     """A flat list of token positions ``(rows[i], cols[i])`` in a [batch, seq] grid."""
@@ -69,7 +75,7 @@ class Positions:
     cols: torch.Tensor
 
     def to(self, device) -> "Positions":
-        return Positions(self.rows.to(device), self.cols.to(device))
+        return Positions(_moved(self.rows, device), _moved(self.cols, device))
 
     def __len__(self) -> int:
         return int(self.rows.numel())
@@ -223,10 +229,11 @@ def counterfactual(model: nn.Module, inputs: Mapping, where: Positions, values: 
     # Resuming skips blocks 0..lowest, so it cannot serve captures below the lowest intervened block.
     resume = base_hidden is not None and min(capture, default=lowest) >= lowest
     select = head = None
+    # ``changed`` is best built on the host (from the plan before it moved): these reads then wait for nothing.
     if changed is not None and base_logits is not None and not bool(changed.all()):
         try:
             head = output_head(model)
-            select = changed.nonzero(as_tuple=True)
+            select = tuple(_moved(i, base_logits.device) for i in changed.nonzero(as_tuple=True))
         except ConfigError:  # no linear output head to hook: run the head everywhere
             pass
     with ExitStack() as stack:
@@ -274,8 +281,8 @@ class InterchangePlan:
     span_length: torch.Tensor   # [B]
 
     def to(self, device) -> "InterchangePlan":
-        return InterchangePlan(self.source_index.to(device), self.base.to(device), self.source.to(device),
-                               self.span_start.to(device), self.span_length.to(device))
+        return InterchangePlan(_moved(self.source_index, device), self.base.to(device), self.source.to(device),
+                               _moved(self.span_start, device), _moved(self.span_length, device))
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -331,7 +338,8 @@ def sample_plan(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor 
     All draws come from ``generator`` on the CPU, so a plan depends only on the seed and the masks. With
     ``keys`` (one integer per example, e.g. its position in the run's sample stream) the plan is the same
     for an example whichever batch it is in: sources are ``partners`` and each example's offsets come from
-    its own generator, seeded by one draw of ``generator`` mixed with its key."""
+    its own generator, seeded by one draw of ``generator`` mixed with its key. The plan is made on the host and
+    returned on the masks' device: given host masks (and keys), it reads nothing from an accelerator."""
     device = attention_mask.device
     eligible = eligible_positions(attention_mask, special_tokens_mask, include_special_tokens).cpu()
     batch = eligible.shape[0]

@@ -215,7 +215,8 @@ def test_train_step_reduces_the_steps_tokens_with_the_logged_values(tmp_path):
     class Engine:
         module = SimpleNamespace(counts=lambda batch, streams: {})
 
-        def __call__(self, batch, teacher, extras, streams, counts, share):
+        def __call__(self, batch, teacher, extras, streams, counts, share, host, host_streams):
+            assert host is batch and host_streams is streams  # on a CPU run, the host batches are the step's own
             loss = torch.tensor(2.0, requires_grad=True) * share
             return loss, {"loss": loss.detach()}
 

@@ -114,7 +114,7 @@ class BareLoop:
         """One optimiser step on batch ``n``; returns its (non-padding) tokens, counted on the host."""
         cpu = self.data.batch(n)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss, _ = self.module(self._moved(cpu), self.teacher)
+            loss, _ = self.module(self._moved(cpu), self.teacher, host=cpu)
         loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
@@ -165,7 +165,7 @@ class EngineLoop(BareLoop):
 
     def step(self, n: int) -> int:
         cpu = self.data.batch(n)
-        loss, _ = self.engine(self._moved(cpu), self.teacher)
+        loss, _ = self.engine(self._moved(cpu), self.teacher, host=cpu)
         self.engine.backward(loss)
         self.engine.step()
         return int(cpu["attention_mask"].sum())

@@ -152,6 +152,10 @@ class Step:
     teacher_topk: TeacherTopK | None = None
     # The teacher's tail samples (``Needs.teacher_tail``), online or from the teacher cache.
     teacher_tail: TeacherTail | None = None
+    # ``batch`` as the training loop built it on the host (CPU tensors; the same dict on a CPU run), when it has
+    # it: what a step decides from the data (IIT's plans) is read here, not from the device, where each read
+    # would wait for the device's queued work.
+    host_batch: dict[str, torch.Tensor] | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor:

@@ -151,15 +151,18 @@ def run_counterfactuals(step: Step, pairs: list[LayerPair], settings: Interventi
     """The plan of this step and, for the pair(s) it uses, both models' counterfactual logits and last
     block outputs. Source block outputs and base prefixes come from the step's captured hidden states."""
     batch, info = step.batch, step.info
-    keys = batch.get("sample_ids")
+    # The plan depends on the masks and keys: made from the host batch when the loop gave it (no device read).
+    source = batch if step.host_batch is None else step.host_batch
+    keys = source.get("sample_ids")
     # Training batches carry their examples' stream positions: the plan and the sampled pair then come from
     # the optimiser step's seed and each example's key, the same however the step is split.
     keyed = keys is not None and "step_seed" in step.extras
     gen = plan_generator(int(step.extras["step_seed"]) if keyed else step_seed(step), _SALT)
-    plan = sample_plan(batch["attention_mask"], batch.get("special_tokens_mask"), gen,
-                       proportion=settings.span_proportion, include_special_tokens=settings.include_special_tokens,
-                       aligned=settings.aligned_positions, max_tokens=settings.max_tokens,
-                       keys=keys if keyed else None)
+    planned = sample_plan(source["attention_mask"], source.get("special_tokens_mask"), gen,
+                          proportion=settings.span_proportion, include_special_tokens=settings.include_special_tokens,
+                          aligned=settings.aligned_positions, max_tokens=settings.max_tokens,
+                          keys=keys if keyed else None)
+    plan = planned.to(batch["input_ids"].device)
     if settings.pair_sampling == "all":
         chosen = pairs
     else:
@@ -176,12 +179,12 @@ def run_counterfactuals(step: Step, pairs: list[LayerPair], settings: Interventi
             t_base = _hidden(step, "teacher", t_low) if settings.reuse_base_prefix else None
             t_logits, t_cap = counterfactual(
                 step.teacher_model, inputs, plan.base, t_values, base_hidden=t_base, capture=[t_last],
-                block_path=t_path, **_reuse_logits(step.teacher, plan, seq, t_low, info.teacher_layers, info))
+                block_path=t_path, **_reuse_logits(step.teacher, planned, seq, t_low, info.teacher_layers, info))
         s_values = {pair.student: read(_hidden(step, "student", pair.student), plan.source)}
         s_base = _hidden(step, "student", pair.student) if settings.reuse_base_prefix else None
         s_logits, s_cap = counterfactual(
             step.student_model, inputs, plan.base, s_values, base_hidden=s_base, capture=[s_last],
-            block_path=s_path, **_reuse_logits(step.student, plan, seq, pair.student, info.student_layers, info))
+            block_path=s_path, **_reuse_logits(step.student, planned, seq, pair.student, info.student_layers, info))
         results.append(PairResult(pair, t_logits, s_logits, t_cap[t_last], s_cap[s_last]))
     return Counterfactuals(batch["input_ids"], step_seed(step), plan, results)
 

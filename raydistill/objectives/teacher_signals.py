@@ -80,8 +80,9 @@ def _ordered_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 def _fix_crossing_rows(flat_ids: torch.Tensor, logits: torch.Tensor, crossing: torch.Tensor | None) -> None:
     """Redo, in place, the rows of ``flat_ids`` (N x k) whose tie crosses the k-th place, from ``logits`` (N
-    positions of V; reshaped only then, which copies non-contiguous logits). Its one host read (are there any?) is the only one of a top-k: on a GPU each read waits for the
-    device, so callers working in chunks gather the chunks' flags and call this once."""
+    positions of V; reshaped only then, which copies non-contiguous logits). Its host read (are there any?) is a
+    top-k's only one; on a GPU each read waits for the device, so callers working in chunks gather the chunks'
+    flags and call this once."""
     if crossing is not None and bool(crossing.any()):
         rows = crossing.view(-1).nonzero().squeeze(-1)
         flat_ids[rows] = _canonical_rows(logits.reshape(-1, logits.size(-1))[rows], flat_ids.size(-1))
@@ -147,7 +148,7 @@ def tail_uniforms(input_ids: torch.Tensor, seed: int) -> torch.Tensor:
     tokens at equal positions of different rows differ."""
     ids = input_ids.long() & _MASK32
     pos = torch.arange(ids.size(-1), device=ids.device)
-    seed_h = _mix32(torch.tensor(seed & _MASK32, device=ids.device))
+    seed_h = _mix32(torch.full((), seed & _MASK32, dtype=torch.long, device=ids.device))  # a fill, no copy
     pos_h = _mix32((pos + seed_h) & _MASK32)
     tok = _mix32(ids ^ pos_h)
     row = tok.sum(-1, keepdim=True) & _MASK32  # < T * 2^32: no overflow

@@ -79,23 +79,27 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: nn.Module | None = None,
                 extras: dict | None = None, streams: dict[str, dict[str, torch.Tensor]] | None = None,
-                counts: dict[str, torch.Tensor] | None = None, share: float = 1.0
+                counts: dict[str, torch.Tensor] | None = None, share: float = 1.0,
+                host: dict[str, torch.Tensor] | None = None,
+                host_streams: dict[str, dict[str, torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss and the logged values of one micro-batch. ``counts`` (from ``counts`` summed over
-        the optimiser step) and ``share`` normalise over the step; without them the micro-batch is the step."""
-        total, logs = self._run(batch, self.objectives, self.needs, teacher, extras, counts, share)
+        the optimiser step) and ``share`` normalise over the step; without them the micro-batch is the step.
+        ``host`` and ``host_streams``: the same batches as built on the host (``Step.host_batch``), from which
+        the step decides what depends on the data without reading the device."""
+        total, logs = self._run(batch, host, self.objectives, self.needs, teacher, extras, counts, share)
         for name, stream_batch in (streams or {}).items():
             mine = None if counts is None else {k[len(name) + 1:]: v for k, v in counts.items()
                                                 if k.startswith(f"{name}/")}
-            loss, terms = self._run(stream_batch, self.streams[name], self.stream_needs[name], teacher, extras,
-                                    mine, share)
+            loss, terms = self._run(stream_batch, (host_streams or {}).get(name), self.streams[name],
+                                    self.stream_needs[name], teacher, extras, mine, share)
             total = total + loss
             logs.update({f"{name}/{k}": v for k, v in terms.items()})
         logs["loss"] = total.detach()
         return total, logs
 
-    def _run(self, batch: dict[str, torch.Tensor], objectives: nn.ModuleDict, needs: Needs,
-             teacher: nn.Module | None, extras: dict | None, counts: dict[str, torch.Tensor] | None,
+    def _run(self, batch: dict[str, torch.Tensor], host: dict[str, torch.Tensor] | None, objectives: nn.ModuleDict,
+             needs: Needs, teacher: nn.Module | None, extras: dict | None, counts: dict[str, torch.Tensor] | None,
              share: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student_out = run_model(self.student, batch, needs.student_layers, self.student_block_path,
                                 needs.student_logits, needs.student_head)
@@ -127,7 +131,7 @@ class DistillModule(nn.Module):
                     teacher_model=teacher, info=self.info,
                     extras={"student_block_path": self.student_block_path,
                             "teacher_block_path": self.teacher_block_path, **(extras or {})},
-                    counts=counts, share=share, teacher_topk=topk, teacher_tail=tail)
+                    counts=counts, share=share, teacher_topk=topk, teacher_tail=tail, host_batch=host)
         logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["input_ids"].device)
         for name, objective in objectives.items():

@@ -389,8 +389,8 @@ class Worker:
                 batch, cpu_batch = _to(student_batch, self.device), student_batch
             tokens += int(cpu_batch["attention_mask"].sum()) + sum(int(b["attention_mask"].sum())
                                                                    for b in cpu_streams.values())
-            micro_batches.append((batch, streams, student_batch is not None))
-        counts = self._step_counts([(batch, streams) for batch, streams, _ in micro_batches])
+            micro_batches.append((batch, streams, student_batch is not None, cpu_batch, cpu_streams))
+        counts = self._step_counts([(batch, streams) for batch, streams, *_ in micro_batches])
         share = 1.0 / (t.grad_accum * self.world)
         on_policy = self.plan.prompts is not None and self.plan.prompts.spec.on_policy.probability > 0
         # Randomness keyed per example (IIT's plans, MLM masking) uses the step's seed, not the micro-batch's,
@@ -399,12 +399,12 @@ class Worker:
         sums: dict[str, torch.Tensor] = {}
         skip = t.nonfinite == "skip"
         bad = torch.zeros((), device=self.device)
-        for micro, (batch, streams, generated) in enumerate(micro_batches):
+        for micro, (batch, streams, generated, cpu_batch, cpu_streams) in enumerate(micro_batches):
             # Dropout and objective randomness are a function of the step: resumes replay exactly.
             seed = _step_seed(t.seed, step, micro, self.rank)
             torch.manual_seed(seed)
             loss, logs = self.engine(batch, self.teacher, {**extras, "seed": seed}, streams=streams, counts=counts,
-                                     share=share)
+                                     share=share, host=cpu_batch, host_streams=cpu_streams)
             # ``loss`` is this micro-batch's share of the step's loss; DeepSpeed divides the gradient by the
             # micro-batches and averages it over workers, which this factor undoes.
             scaled = loss / share
@@ -416,7 +416,7 @@ class Worker:
             self.engine.backward(scaled)
             self.engine.step()
             if on_policy:
-                logs["on_policy"] = torch.tensor(float(generated) * share, device=self.device)
+                logs["on_policy"] = torch.full((), float(generated) * share, device=self.device)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
         # Ranks differ in non-padding tokens (prompt + response rows): their sum rides on this all-reduce.
@@ -463,7 +463,10 @@ class Worker:
     def _all_reduce_vector(self, values: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
         """The values summed over workers, as one float32 vector on the device (in sorted key order)."""
         keys = sorted(values)
-        vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
+        # Host numbers as fills: torch.tensor(x, device=) is a blocking copy, which on a GPU waits for the device.
+        vec = torch.stack([torch.full((), values[k], dtype=torch.float32, device=self.device)
+                           if not torch.is_tensor(values[k]) else
+                           values[k].to(self.device, torch.float32, non_blocking=True) for k in keys])
         if self.world > 1:
             dist.all_reduce(vec)
         return keys, vec
