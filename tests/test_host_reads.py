@@ -7,8 +7,12 @@ The models run with eager attention here: transformers' SDPA path reads whether 
 (for BERT its eager path does too), once per model forward; that read is transformers', made by any loop that
 calls these models, and not the step's own."""
 
+import math
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raydistill.bench.throughput import BareLoop, bench_config
 
@@ -143,3 +147,45 @@ def test_the_training_loops_step_reads_nothing_either(tmp_path):
     keys, values, tokens = w.train_step(1, cpu, moved)
     assert values.device.type == "meta" and TOKENS_KEY in keys and "iit" in keys
     assert tokens == sum(int(batch["attention_mask"].sum()) for batch, _ in cpu)
+
+
+class _DeepSpeedReads(TorchDispatchMode):
+    """Values DeepSpeed's own code reads on the host (the optimizer it wraps left out: on CPU, torch's unfused
+    AdamW reads its step counts, which the fused CUDA one does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            files = [f.filename for f in traceback.extract_stack()]
+            self.count += any("/deepspeed/" in f for f in files) and not any("/torch/optim/" in f for f in files)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("nonfinite, reads, skipped", [("stop", 2, False), ("skip", 4, True)])
+def test_deepspeed_checks_bf16_overflow_only_where_skipping_steps_relies_on_it(tmp_path, nonfinite, reads, skipped):
+    """bf16 ZeRO-2 with clipping: DeepSpeed's overflow check reads two values per step (and drops an update
+    whose gradients are not finite); its clipping reads one per parameter group. Under train.nonfinite=stop
+    raydistill leaves the check off: raydistill's own check stops the run at a non-finite loss."""
+    from raydistill.bench.throughput import EngineLoop, one_process_group
+
+    cfg = bench_config(str(tmp_path / "out"), str(tmp_path / "cache"), teacher="tiny-gpt2", teacher_overrides={},
+                       student_layers=2, batch_size=2, block_size=32, precision="bf16", objectives=("task",),
+                       zero_stage=2, steps=2, window=1, use_gpu=False, overrides=(f"train.nonfinite={nonfinite}",))
+    with one_process_group(torch.device("cpu")):
+        loop = EngineLoop(cfg, torch.device("cpu"))
+        engine = loop.engine
+        loss, _ = engine(loop.data.batch(1), loop.teacher)
+        engine.backward(loss)
+        with _DeepSpeedReads() as mode:
+            engine.step()
+        assert mode.count == reads
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        loss, _ = engine(loop.data.batch(2), loop.teacher)
+        engine.backward(loss * math.inf)  # non-finite gradients
+        engine.step()
+        after = list(engine.module.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(after, before)) == skipped
+        assert all(torch.isfinite(p).all() for p in after) == skipped

@@ -33,7 +33,10 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # DeepSpeed's bf16 overflow check (on by default) reads two values on the host every step, a wait for the
+        # device on a GPU, and silently drops updates with non-finite gradients; raydistill's own check
+        # (train.nonfinite) handles non-finite losses, so the overflow check runs only where 'skip' relies on it.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.nonfinite == "skip"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 12},
         "steps_per_print": 10**9,  # raydistill reports progress itself
         "wall_clock_breakdown": False,

@@ -227,9 +227,10 @@ def skip_unsupported(cfg) -> str | None:
     if cfg.deepspeed.zero_stage == 0:
         return ("train.nonfinite=skip needs DeepSpeed's overflow check, which ZeRO stage 0 does not run "
                 "(got deepspeed.zero_stage=0); allowed: deepspeed.zero_stage 1-3, or train.nonfinite=stop")
-    bf16_check = bool(((cfg.deepspeed.extra or {}).get("bf16") or {}).get("check_grad_overflow"))
+    # raydistill turns bf16's check on for 'skip' (ds_config), unless deepspeed.extra turns it off again.
+    bf16_check = ((cfg.deepspeed.extra or {}).get("bf16") or {}).get("check_grad_overflow", True)
     if cfg.train.precision == "bf16" and not bf16_check:
-        return ("train.nonfinite=skip needs DeepSpeed's overflow check, which bf16 runs only with "
-                "deepspeed.extra.bf16.check_grad_overflow=true (got train.precision=bf16); allowed: fp32, fp16, "
-                "that setting, or train.nonfinite=stop")
+        return (f"train.nonfinite=skip needs DeepSpeed's overflow check, which deepspeed.extra.bf16."
+                f"check_grad_overflow={bf16_check!r} turns off for bf16; allowed: leave that setting out, or "
+                "train.nonfinite=stop")
     return None
