@@ -77,7 +77,9 @@ def _models(name: str, device: torch.device):
     return teacher, student, info
 
 
-def _batch(info: ModelInfo, batch_size: int, seq_len: int, generator: torch.Generator, device) -> dict:
+def _batch(info: ModelInfo, batch_size: int, seq_len: int, generator: torch.Generator, device
+           ) -> tuple[dict, dict]:
+    """(on the host, on ``device``): the step reads its plan from the host copy, as in training."""
     ids = torch.randint(MASK + 1, info.vocab_size, (batch_size, seq_len), generator=generator)
     attn = torch.ones_like(ids)
     if not info.is_encoder:
@@ -88,7 +90,7 @@ def _batch(info: ModelInfo, batch_size: int, seq_len: int, generator: torch.Gene
         special[:, 0] = special[:, -1] = 1
         masked, labels = mask_tokens(ids, special, MASK, info.vocab_size, 0.15, generator)
         batch = {"input_ids": masked, "attention_mask": attn, "labels": labels, "special_tokens_mask": special}
-    return {k: v.to(device) for k, v in batch.items()}
+    return batch, {k: v.to(device) for k, v in batch.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -118,8 +120,9 @@ def _bench_model(name: str, *, batch_size: int, seq_len: int, steps: int, warmup
     times: dict[str, list[float]] = {k: [] for k in variants}
     flops: dict[str, int] = {}
 
-    def train_step(key: str, batch: dict, i: int) -> None:
-        loss, _ = modules[key](batch, teacher, {"seed": seed * 100_003 + i, "step": i})
+    def train_step(key: str, batches: tuple[dict, dict], i: int) -> None:
+        host, batch = batches
+        loss, _ = modules[key](batch, teacher, {"seed": seed * 100_003 + i, "step": i}, host=host)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
