@@ -78,6 +78,7 @@ def _ordered_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         return ids.gather(-1, values.sort(dim=-1, descending=True, stable=True).indices), crossing
 
 
+@torch.no_grad()
 def _fix_crossing_rows(flat_ids: torch.Tensor, logits: torch.Tensor, crossing: torch.Tensor | None) -> None:
     """Redo, in place, the rows of ``flat_ids`` (N x k) whose tie crosses the k-th place, from ``logits`` (N
     positions of V; reshaped only then, which copies non-contiguous logits). Its host read (are there any?) is a
@@ -94,8 +95,7 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     vocab = logits.size(-1)
     k = min(k, vocab)
     ids, crossing = _ordered_topk(logits, k)
-    with torch.no_grad():
-        _fix_crossing_rows(ids.view(-1, k), logits, crossing)
+    _fix_crossing_rows(ids.view(-1, k), logits, crossing)
     return ids
 
 

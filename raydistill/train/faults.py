@@ -227,8 +227,10 @@ def skip_unsupported(cfg) -> str | None:
     if cfg.deepspeed.zero_stage == 0:
         return ("train.nonfinite=skip needs DeepSpeed's overflow check, which ZeRO stage 0 does not run "
                 "(got deepspeed.zero_stage=0); allowed: deepspeed.zero_stage 1-3, or train.nonfinite=stop")
-    # raydistill turns bf16's check on for 'skip' (ds_config), unless deepspeed.extra turns it off again.
-    bf16_check = ((cfg.deepspeed.extra or {}).get("bf16") or {}).get("check_grad_overflow", True)
+    from raydistill.train.ds_config import deepspeed_config
+
+    # What the workers' DeepSpeed config asks for ('skip' turns bf16's check on, deepspeed.extra may turn it off).
+    bf16_check = deepspeed_config(cfg, 1)["bf16"].get("check_grad_overflow")
     if cfg.train.precision == "bf16" and not bf16_check:
         return (f"train.nonfinite=skip needs DeepSpeed's overflow check, which deepspeed.extra.bf16."
                 f"check_grad_overflow={bf16_check!r} turns off for bf16; allowed: leave that setting out, or "
