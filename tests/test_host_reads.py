@@ -158,19 +158,26 @@ def test_the_training_loops_step_reads_nothing_either(tmp_path):
     assert tokens == sum(int(batch["attention_mask"].sum()) for batch, _ in cpu)
 
 
-class _DeepSpeedReads(TorchDispatchMode):
-    """Values DeepSpeed's own code reads on the host (the optimizer it wraps left out: on CPU, torch's unfused
-    AdamW reads its step counts, which the fused CUDA one does not)."""
+class HostReads(TorchDispatchMode):
+    """Counts the ops in ``ops`` (by default, reading a value and ``nonzero``: ops whose result a GPU hands to the
+    host) made where ``where(files on the stack)`` holds (by default anywhere). On the CPU nothing waits, but the
+    same calls wait for the device on a GPU."""
 
-    def __init__(self):
+    def __init__(self, ops=(torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default),
+                 where=None):
         super().__init__()
-        self.count = 0
+        self.ops, self.where, self.count = ops, where, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            files = [f.filename for f in traceback.extract_stack()]
-            self.count += any("/deepspeed/" in f for f in files) and not any("/torch/optim/" in f for f in files)
+        if func in self.ops and (self.where is None or self.where([f.filename for f in traceback.extract_stack()])):
+            self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def deepspeeds_own(files: list[str]) -> bool:
+    """DeepSpeed's code, the optimizer it wraps left out (on CPU, torch's unfused AdamW reads its step counts,
+    which the fused CUDA one does not)."""
+    return any("/deepspeed/" in f for f in files) and not any("/torch/optim/" in f for f in files)
 
 
 @pytest.mark.parametrize("nonfinite, reads, skipped", [("stop", 2, False), ("skip", 4, True)])
@@ -188,7 +195,7 @@ def test_deepspeed_checks_bf16_overflow_only_where_skipping_steps_relies_on_it(t
         engine = loop.engine
         loss, _ = engine(loop.data.batch(1), loop.teacher)
         engine.backward(loss)
-        with _DeepSpeedReads() as mode:
+        with HostReads(ops=(torch.ops.aten._local_scalar_dense.default,), where=deepspeeds_own) as mode:
             engine.step()
         assert mode.count == reads
         before = [p.detach().clone() for p in engine.module.parameters()]

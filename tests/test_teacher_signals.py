@@ -4,7 +4,6 @@ cache's keys) with the same loss and gradients as computing them online, without
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raydistill.errors import ConfigError
@@ -12,6 +11,8 @@ from raydistill.objectives import REGISTRY, build_objectives
 from raydistill.objectives.base import ForwardResult, ModelInfo, Needs, Step
 from raydistill.objectives.teacher_signals import check_cache_columns, from_batch, teacher_topk, topk_ids
 from raydistill.train.step import DistillModule, run_model
+
+from test_host_reads import HostReads
 
 V = 37
 
@@ -47,21 +48,6 @@ def test_ties_are_broken_by_id_so_every_top_k_is_a_prefix_of_a_larger_one():
     assert topk_ids(torch.tensor([[[-0.0, 0.0, -1.0, 3.0]]]), 2).tolist() == [[[3, 0]]]  # -0 == +0
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the ops whose result a GPU would have to hand to the host: reads of a value and outputs whose size
-    depends on the data."""
-
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 def test_top_k_in_chunks_equals_one_chunk_and_reads_the_host_once_whatever_the_chunks(monkeypatch):
     """Chunks bound the float32 normaliser's memory; the tie fix runs once after the last chunk, so a top-K over
     many chunks waits for the device once (twice when there are ties to fix: their rows), not once per chunk."""
@@ -73,7 +59,7 @@ def test_top_k_in_chunks_equals_one_chunk_and_reads_the_host_once_whatever_the_c
     whole = {name: teacher_topk(x, 16) for name, x in (("tied", tied), ("untied", untied))}
     monkeypatch.setattr(ts, "_CHUNK_ELEMENTS", 5 * 3000)  # 13 chunks of 5 positions
     for name, x, reads in (("tied", tied, 2), ("untied", untied, 1)):
-        with _HostReads() as mode:
+        with HostReads() as mode:
             got = teacher_topk(x, 16)
         assert torch.equal(got.ids, whole[name].ids) and torch.equal(got.logprobs, whole[name].logprobs), name
         assert mode.count == reads, (name, mode.count)
